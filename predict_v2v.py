@@ -1,0 +1,133 @@
+"""Video-to-video with zeroscope v2 XL: re-render a clip at up to 1024x576, guided by a prompt (upscaling)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from cog import BaseRunner, Input, Path
+from diffusers import DPMSolverMultistepScheduler, VideoToVideoSDPipeline
+from PIL import Image
+
+from media import fit_image, read_video, to_uint8, write_mp4
+from serving import (
+    SHARED_INPUTS,
+    InputError,
+    StepLogger,
+    load_pipeline,
+    output_path,
+    phase,
+    record_metric,
+    record_setup_metrics,
+    resolve_seed,
+    validate_inputs,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WEIGHTS_URL = os.environ.get(
+    "ZEROSCOPE_XL_WEIGHTS_URL", "https://weights.replicate.delivery/default/cerspense/zeroscope_v2_XL.tar"
+)
+RESIDENT_GIB = 24  # free GPU memory to keep the fp16 pipeline resident (~3 GiB weights + 1024x576x24 activations)
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Fetch the weights if the cache lacks them, load the pipeline and run one warm-up step."""
+        self.pipe, self.setup_timings = load_pipeline(
+            VideoToVideoSDPipeline, WEIGHTS_URL, "zeroscope-v2-xl", torch.float16, RESIDENT_GIB
+        )
+        # As the model card's diffusers example.
+        self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
+        start = time.perf_counter()
+        self.generate([Image.new("RGB", (64, 64))] * 2, "", "", 1.0, 1, 1.0, 0)
+        self.setup_timings["warmup_s"] = time.perf_counter() - start
+
+    @validate_inputs
+    def run(
+        self,
+        video: Path = Input(description="The video to re-render: any format ffmpeg reads, up to 10 minutes."),
+        prompt: str = SHARED_INPUTS.prompt,
+        negative_prompt: str = SHARED_INPUTS.negative_prompt,
+        strength: float = Input(
+            description="How much to change the video: 0 keeps it, 1 ignores it. 0.6-0.85 suits upscaling.",
+            ge=0.0,
+            le=1.0,
+            default=0.6,
+        ),
+        num_inference_steps: int = Input(
+            description="Denoising steps; only strength x steps of them run.", ge=1, le=100, default=40
+        ),
+        guidance_scale: float = Input(description="How closely to follow the prompt.", ge=1.0, le=30.0, default=15.0),
+        width: int = Input(
+            description="Output width, a multiple of 8. The model was trained at 1024.", ge=128, le=1280, default=1024
+        ),
+        height: int = Input(
+            description="Output height, a multiple of 8. The model was trained at 576.", ge=128, le=1280, default=576
+        ),
+        sizing_strategy: str = SHARED_INPUTS.sizing_strategy,
+        max_frames: int = Input(
+            description="Frames to take from the input. The model works best at 24; quality drops past about 40.",
+            ge=1,
+            le=48,
+            default=24,
+        ),
+        frame_sampling: str = Input(
+            description="first: the first max_frames frames; even: max_frames spread evenly over the whole clip.",
+            choices=["first", "even"],
+            default="first",
+        ),
+        fps: int | None = Input(
+            description="Frames per second of the output. Blank: the input's, adjusted for frame_sampling.",
+            ge=1,
+            le=60,
+            default=None,
+        ),
+        seed: int | None = SHARED_INPUTS.seed,
+    ) -> Path:
+        """Re-render the video as an H.264 MP4 of width x height."""
+        record_setup_metrics(self.setup_timings)
+        for name, value in (("width", width), ("height", height)):
+            if value % 8:
+                raise InputError(f"Invalid input `{name}`: must be a multiple of 8 (got {value}).")
+        if int(num_inference_steps * strength) < 1:
+            raise InputError(
+                f"Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1 "
+                f"(got {strength} x {num_inference_steps})."
+            )
+        with phase("decode"):
+            frames, input_fps = read_video(video, max_frames, frame_sampling)
+            frames = [fit_image(frame, width, height, sizing_strategy) for frame in frames]
+        seed = resolve_seed(seed)
+        with phase("inference"):
+            output = self.generate(frames, prompt, negative_prompt, strength, num_inference_steps, guidance_scale, seed)
+        with phase("encode"):
+            return write_mp4(output, fps or input_fps, output_path())
+
+    def generate(
+        self,
+        frames: list[Image.Image],
+        prompt: str,
+        negative_prompt: str,
+        strength: float,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: int,
+    ) -> np.ndarray:
+        """The pipeline call: uint8 frames (F, H, W, 3)."""
+        output = self.pipe(
+            prompt=prompt,
+            video=frames,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            callback=StepLogger(int(num_inference_steps * strength)).on_step,
+        ).frames[0]
+        record_metric("frames", len(output))
+        return to_uint8(output)

@@ -1,0 +1,221 @@
+"""What both predictors share: inputs, input validation, seeds, device placement, progress and metrics."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import logging
+import random
+import sys
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from cog import Input, Path, current_scope
+from cog.input import FieldInfo
+
+from weights import cache_dir, download_weights
+
+logger = logging.getLogger("predict")
+
+SIZING_STRATEGIES = ["center_crop", "pad", "stretch"]
+
+
+class InputError(ValueError):
+    """A bad input: the message names the input and what is allowed, and is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """Inputs both models take, defined once (cog-flux's pattern)."""
+
+    prompt: Any = Input(description="Text describing the video you want.", default="")
+    negative_prompt: Any = Input(description="Things you do not want to see in the video.", default="")
+    seed: Any = Input(description="Random seed. Leave blank for a random one; the seed used is logged.", default=None)
+    sizing_strategy: Any = Input(
+        description="How to fit inputs of another aspect ratio to the output size: center_crop (scale to cover, "
+        "crop the overflow), pad (scale to fit, black bars) or stretch (distort to fit).",
+        choices=SIZING_STRATEGIES,
+        default="center_crop",
+    )
+
+
+SHARED_INPUTS = SharedInputs()
+
+
+def configure_logging() -> None:
+    """Send our INFO logs to stdout, which Cog shows as the prediction's logs."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _check(name: str, value: Any, field: FieldInfo, hint: Any) -> Any:
+    """Check one input against its type and its Input() constraints; return the value to use."""
+    if isinstance(value, FieldInfo):  # not given: Cog without a schema passes the Input() object itself
+        value = value.default
+    optional = type(None) in typing.get_args(hint)
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"Missing input `{name}`: it is required.")
+    if base is Path:
+        if not isinstance(value, Path):
+            raise InputError(f"Invalid input `{name}`: expected a file or URL, got {value!r}.")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
+        raise InputError(f"Invalid input `{name}`: expected {base.__name__}, got {value!r}.")
+    if field.choices is not None and value not in field.choices:
+        allowed = ", ".join(str(c) for c in field.choices)
+        raise InputError(f"Invalid input `{name}`: must be one of {allowed} (got {value!r}).")
+    too_low = field.ge is not None and value < field.ge
+    too_high = field.le is not None and value > field.le
+    if too_low or too_high:
+        bounds = [f">= {field.ge}"] * (field.ge is not None) + [f"<= {field.le}"] * (field.le is not None)
+        raise InputError(f"Invalid input `{name}`: must be {' and '.join(bounds)} (got {value!r}).")
+    if field.max_length is not None and len(value) > field.max_length:
+        raise InputError(f"Invalid input `{name}`: at most {field.max_length} characters (got {len(value)}).")
+    return value
+
+
+def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Check every input of `run` against its signature before running it.
+
+    Input() declarations are the single source of truth: this gives the same messages whether or not the server
+    validated against an OpenAPI schema first, and fills in defaults the schema-less server leaves out.
+    """
+    params = list(inspect.signature(run).parameters.values())[1:]
+    hints = typing.get_type_hints(run)
+
+    @functools.wraps(run)
+    def wrapper(self: Any, **kwargs: Any) -> Any:
+        unknown = sorted(set(kwargs) - {p.name for p in params})
+        if unknown:
+            allowed = ", ".join(p.name for p in params)
+            raise InputError(f"Unknown input `{unknown[0]}`: allowed inputs are {allowed}.")
+        values = {p.name: _check(p.name, kwargs.get(p.name, p.default), p.default, hints[p.name]) for p in params}
+        return run(self, **values)
+
+    return wrapper
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed to use: the given one, or a random one. Logged either way so a result can be reproduced."""
+    if seed is None:
+        seed = random.SystemRandom().randint(0, 2**32 - 1)
+    logger.info("Using seed: %d", seed)
+    return seed
+
+
+def load_pipeline(pipeline_cls: Any, url: str, name: str, cuda_dtype: torch.dtype, resident_gib: float) -> tuple:
+    """Fetch the weights into the cache if needed, load them offline and place the pipeline.
+
+    On CUDA in `cuda_dtype`; on the CPU (tests) in float32, where half precision is slow or unsupported.
+    Returns the pipeline and setup's timings in seconds.
+    """
+    configure_logging()
+    start = time.perf_counter()
+    timings = download_weights(url, cache_dir() / name)
+    device, dtype = ("cuda", cuda_dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
+    pipe = pipeline_cls.from_pretrained(cache_dir() / name, dtype=dtype)
+    place_pipeline(pipe, device, resident_gib)
+    pipe.set_progress_bar_config(disable=True)
+    timings["load_s"] = time.perf_counter() - start - timings["download_s"]
+    logger.info("Weights ready in %.1f s, pipeline loaded in %.1f s", timings["download_s"], timings["load_s"])
+    return pipe, timings
+
+
+def place_pipeline(pipe: Any, device: str, resident_gib: float) -> str:
+    """Keep the whole pipeline on the GPU when `resident_gib` of memory is free; else offload to the CPU.
+
+    Returns the placement chosen ("cpu", "resident" or "offload"), which is also logged.
+    """
+    if device == "cpu":
+        placement = "cpu"
+        pipe.to("cpu")
+    else:
+        free_gib = torch.cuda.mem_get_info()[0] / 2**30
+        if free_gib >= resident_gib:
+            placement = "resident"
+            pipe.to("cuda")
+        else:
+            placement = "offload"
+            pipe.enable_model_cpu_offload()
+            pipe.vae.enable_tiling()
+            pipe.vae.enable_slicing()
+        logger.info("GPU memory free: %.1f GiB (resident needs %.0f GiB)", free_gib, resident_gib)
+    logger.info("Pipeline placement: %s", placement)
+    return placement
+
+
+def record_metric(key: str, value: float) -> None:
+    current_scope().record_metric(key, value)
+
+
+def record_setup_metrics(timings: dict[str, float]) -> None:
+    """Report setup's timings with each prediction (setup itself runs outside any prediction)."""
+    for key, value in timings.items():
+        record_metric(f"setup.{key}", value)
+
+
+_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-output-"))
+
+
+def output_path(name: str = "output.mp4") -> Path:
+    """The output file: one per process, overwritten by each prediction, so outputs never pile up on disk."""
+    path = _OUTPUT_DIR / name
+    path.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time a phase of a prediction as the metric `timing.<name>`; turn out-of-memory into a clear error."""
+    start = time.perf_counter()
+    try:
+        yield
+        out_of_memory = False
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    if out_of_memory:  # outside the except block, so the failed step's tensors are freed first
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise RuntimeError(
+            f"Out of GPU memory during {name}: try fewer frames, a smaller size or fewer inference steps."
+        )
+    seconds = time.perf_counter() - start
+    record_metric(f"timing.{name}", seconds)
+    logger.info("%s took %.2f s", name.capitalize(), seconds)
+
+
+class StepLogger:
+    """Logs each denoising step with its speed; hooks into both diffusers callback styles."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.start = time.perf_counter()
+
+    def on_step(self, step: int, *_: Any) -> None:
+        """The legacy `callback(step, timestep, latents)`."""
+        seconds = (time.perf_counter() - self.start) / (step + 1)
+        logger.info("Denoising step %d/%d (%.2f s/step)", step + 1, self.total_steps, seconds)
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        """`callback_on_step_end(pipe, step, timestep, callback_kwargs)`."""
+        self.on_step(step)
+        return callback_kwargs

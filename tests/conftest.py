@@ -1,0 +1,209 @@
+"""Fixtures: tiny offline weights served from 127.0.0.1, in-process predictors, and the real Cog server."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import importlib
+import mimetypes
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+import tiny_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {"i2v": "predict_i2v", "v2v": "predict_v2v"}
+URL_VARIABLES = {"i2v": "COGVIDEOX_I2V_WEIGHTS_URL", "v2v": "ZEROSCOPE_XL_WEIGHTS_URL"}
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="session")
+def weights_server(served_dir: Path) -> Iterator[str]:
+    """A plain static file server on 127.0.0.1 for `served_dir`; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served_dir))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def weights_urls(weights_server: str, served_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random models of both real architectures, built offline, tarred and served: {model: url}."""
+    builds = {
+        "i2v": tiny_weights.build_i2v,
+        "v2v": tiny_weights.build_v2v,
+        "i2v-480p": functools.partial(tiny_weights.build_i2v, sample_height=60, sample_width=90),
+    }
+    urls = {}
+    for model, build in builds.items():
+        folder = build(tmp_path_factory.mktemp(f"tiny-{model}"))
+        tiny_weights.make_tar(folder, served_dir / f"{model}.tar")
+        urls[model] = f"{weights_server}/{model}.tar"
+    return urls
+
+
+def load_predictor(model: str, url: str, cache: Path) -> Any:
+    """Run the real setup() of a predictor in this process against the given weights URL and cache."""
+    module = importlib.import_module(MODULES[model])
+    os.environ["WEIGHTS_CACHE_DIR"] = str(cache)
+    module.WEIGHTS_URL = url
+    predictor = module.Predictor()
+    predictor.setup()
+    return predictor
+
+
+@pytest.fixture(scope="session")
+def i2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_predictor("i2v", weights_urls["i2v"], tmp_path_factory.mktemp("cache-i2v"))
+
+
+@pytest.fixture(scope="session")
+def v2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_predictor("v2v", weights_urls["v2v"], tmp_path_factory.mktemp("cache-v2v"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+class CogServer:
+    """`python -m cog.server.http` serving one predictor, as in the Cog image but without Docker."""
+
+    def __init__(self, model: str, weights_url: str, cache: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PORT": str(self.port),
+            "COG_PREDICT_TYPE_STUB": f"{MODULES[model]}.py:Predictor",
+            URL_VARIABLES[model]: weights_url,
+            "WEIGHTS_CACHE_DIR": str(cache),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=300)
+
+    def status(self) -> str:
+        return self.client.get("/health-check").json()["status"]
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the Cog server exited"
+            try:
+                status = self.status()
+            except httpx.TransportError:
+                status = "DOWN"
+            if status == "READY":
+                return
+            assert status in ("DOWN", "STARTING"), f"server status {status}"
+            time.sleep(0.2)
+        raise TimeoutError("the Cog server did not become READY")
+
+    def predict(self, **inputs: Any) -> dict:
+        response = self.client.post("/predictions", json={"input": inputs})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def cog_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Factory: cog_server("i2v") starts (once per session) a READY server for that model."""
+    servers: dict[str, CogServer] = {}
+
+    def start(model: str) -> CogServer:
+        if model not in servers:
+            base = tmp_path_factory.mktemp(f"server-{model}")
+            servers[model] = CogServer(model, weights_urls[model], base / "cache", base / "server.log")
+            servers[model].wait_ready()
+        return servers[model]
+
+    yield start
+    for server in servers.values():
+        server.close()
+
+
+def decode_data_url(url: str, path: Path) -> Path:
+    header, payload = url.split(",", 1)
+    assert header == "data:video/mp4;base64", header
+    path.write_bytes(base64.b64decode(payload))
+    return path
+
+
+def read_mp4(path: Path) -> tuple[dict, np.ndarray]:
+    """Decode an MP4 independently of the project's code: (ffmpeg's stream info, uint8 frames)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+    return meta, frames
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float, output_params: list[str] | None = None) -> Path:
+    """Encode a test video with imageio-ffmpeg (H.264 unless output_params say otherwise)."""
+    height, width = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (width, height), fps=fps, macro_block_size=1, output_params=output_params or [],
+        ffmpeg_log_level="error",
+    )  # fmt: skip
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return path
+
+
+def gradient_frames(count: int, height: int, width: int) -> np.ndarray:
+    """A moving colour gradient: every frame differs, and orientation is recognisable (red grows to the right)."""
+    x = np.linspace(0, 255, width)[None, :]
+    y = np.linspace(0, 255, height)[:, None]
+    frames = []
+    for i in range(count):
+        red = np.broadcast_to(x, (height, width))
+        green = np.broadcast_to(y, (height, width))
+        blue = np.full((height, width), (i * 37) % 256)
+        frames.append(np.stack([red, green, blue], axis=-1))
+    return np.asarray(frames, dtype=np.uint8)
