@@ -6,6 +6,7 @@ import base64
 import functools
 import http.server
 import importlib
+import json
 import mimetypes
 import os
 import socket
@@ -135,9 +136,22 @@ class CogServer:
         raise TimeoutError("the Cog server did not become READY")
 
     def predict(self, **inputs: Any) -> dict:
-        response = self.client.post("/predictions", json={"input": inputs})
+        """A synchronous prediction; waits while the slot is still busy finishing the previous one (HTTP 409)."""
+        deadline = time.monotonic() + 30
+        while (response := self.client.post("/predictions", json={"input": inputs})).status_code == 409:
+            assert time.monotonic() < deadline, "the server stayed busy"
+            time.sleep(0.1)
         assert response.status_code == 200, response.text
         return response.json()
+
+    def predict_async(self, prediction_id: str, webhook: str, **inputs: Any) -> None:
+        """Start a prediction that reports its progress to `webhook` (Cog has no GET for a prediction's state)."""
+        body = {"id": prediction_id, "input": inputs, "webhook": webhook}
+        response = self.client.post("/predictions", json=body, headers={"Prefer": "respond-async"})
+        assert response.status_code == 202, response.text
+
+    def cancel(self, prediction_id: str) -> None:
+        assert self.client.post(f"/predictions/{prediction_id}/cancel").status_code == 200
 
     def close(self) -> None:
         self.client.close()
@@ -164,6 +178,42 @@ def cog_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFa
     yield start
     for server in servers.values():
         server.close()
+
+
+class Webhooks:
+    """Receives Cog's webhook calls on 127.0.0.1 and keeps the latest state of each prediction."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict] = {}
+        webhooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                state = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                webhooks.states[state["id"]] = state
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/webhook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, prediction_id: str, condition: Any, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while not condition(state := self.states.get(prediction_id, {})):
+            assert time.monotonic() < deadline, f"timed out; last state: {state}"
+            time.sleep(0.02)
+        return state
+
+
+@pytest.fixture(scope="session")
+def webhooks() -> Iterator[Webhooks]:
+    receiver = Webhooks()
+    yield receiver
+    receiver.server.shutdown()
 
 
 def decode_data_url(url: str, path: Path) -> Path:

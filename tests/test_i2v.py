@@ -1,0 +1,168 @@
+"""Image-to-video: the real setup() and run() on tiny CogVideoX weights, in process and through the Cog server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import data_url, decode_data_url, load_predictor, read_mp4
+from diffusers import CogVideoXImageToVideoPipeline
+from PIL import Image
+
+from serving import InputError
+
+PROMPT = "a red boat sails across a calm lake"
+
+
+def photo(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(width * height)
+    base = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * np.array([1.0, 0.5, 0.2])
+    noise = rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "input.png"
+    photo(300, 200).save(path)
+    return path
+
+
+def direct_pipeline_frames(predictor: Any, image: Image.Image, seed: int, **kwargs: Any) -> np.ndarray:
+    """What diffusers itself produces from the same components: a fresh pipeline object, same settings."""
+    pipe = CogVideoXImageToVideoPipeline(**predictor.pipe.components)
+    pipe.scheduler = predictor.schedulers[kwargs.pop("scheduler")]
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(
+        image=image,
+        height=predictor.height,
+        width=predictor.width,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=pipe.transformer.config.max_text_seq_length,
+        output_type="np",
+        **kwargs,
+    ).frames[0]
+    return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scheduler", ["cogvideox_dpm", "cogvideox_ddim"])
+def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, scheduler: str) -> None:
+    settings = dict(prompt=PROMPT, negative_prompt="blurry", num_frames=9, num_inference_steps=3,
+                    guidance_scale=6.0, use_dynamic_cfg=True)  # fmt: skip
+    expected = direct_pipeline_frames(i2v, Image.open(image_file).convert("RGB").resize((96, 64)), 42,
+                                      scheduler=scheduler, **settings)  # fmt: skip
+    output = i2v.run(image=image_file, seed=42, scheduler=scheduler, sizing_strategy="stretch", fps=8, **settings)
+
+    meta, frames = read_mp4(output)
+    assert frames.shape == expected.shape == (9, 64, 96, 3)
+    generated = i2v.generate(
+        Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS), PROMPT, "blurry", 9, 3, 6.0,
+        True, scheduler, 42,
+    )  # fmt: skip
+    # Same resize path as the predictor's stretch: frames equal to the last bit.
+    np.testing.assert_array_equal(generated, direct_pipeline_frames(
+        i2v, Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS), 42,
+        scheduler=scheduler, **settings))  # fmt: skip
+    assert_same_video(frames, generated)
+
+
+def assert_same_video(decoded: np.ndarray, frames: np.ndarray) -> None:
+    """The MP4 holds these frames, in order, up to H.264 4:2:0 loss (large on the tiny models' noise-like output)."""
+    assert decoded.shape == frames.shape
+    flat_decoded = decoded.reshape(len(decoded), -1).astype(float)
+    flat = frames.reshape(len(frames), -1).astype(float)
+    correlation = np.corrcoef(flat_decoded, flat)[: len(frames), len(frames) :]
+    assert (np.diag(correlation) > 0.85).all()
+    assert (correlation.argmax(axis=1) == np.arange(len(frames))).all()  # each frame is its own best match
+
+
+def test_same_seed_same_video_other_seed_other_video(i2v: Any, image_file: Path) -> None:
+    args = dict(image=Image.open(image_file).convert("RGB").resize((96, 64)), prompt=PROMPT, negative_prompt="",
+                num_frames=9, num_inference_steps=2, guidance_scale=6.0, use_dynamic_cfg=False,
+                scheduler="cogvideox_dpm")  # fmt: skip
+    first, again, other = i2v.generate(seed=1, **args), i2v.generate(seed=1, **args), i2v.generate(seed=2, **args)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first.astype(int) - other).mean() > 1
+
+
+@pytest.mark.parametrize("num_frames", [9, 17])
+def test_frame_count_fps_and_size(i2v: Any, image_file: Path, num_frames: int) -> None:
+    output = i2v.run(image=image_file, num_frames=num_frames, num_inference_steps=1, fps=12, seed=0)
+    meta, frames = read_mp4(output)
+    assert frames.shape == (num_frames, 64, 96, 3)
+    assert meta["fps"] == 12 and meta["codec"] == "h264"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"num_frames": 48}, "Invalid input `num_frames`: must be one of 9, 17, 25, 33, 41, 49 (got 48)."),
+        ({"num_inference_steps": 0}, "Invalid input `num_inference_steps`: must be >= 1 and <= 100 (got 0)."),
+        ({"guidance_scale": 0.5}, "Invalid input `guidance_scale`: must be >= 1.0 and <= 20.0 (got 0.5)."),
+        ({"scheduler": "euler"}, "Invalid input `scheduler`: must be one of cogvideox_dpm, cogvideox_ddim"),
+        ({"fps": 0}, "Invalid input `fps`: must be >= 1 and <= 60 (got 0)."),
+    ],
+)
+def test_out_of_range_inputs_are_rejected(i2v: Any, image_file: Path, inputs: dict, message: str) -> None:
+    with pytest.raises(InputError) as error:
+        i2v.run(image=image_file, **inputs)
+    assert str(error.value).startswith(message)
+
+
+def test_real_resolution_720x480(weights_urls: dict[str, str], tmp_path: Path, image_file: Path) -> None:
+    """At the real model's sample size (60x90 latents) the output is exactly 49 frames of 720x480."""
+    predictor = load_predictor("i2v", weights_urls["i2v-480p"], tmp_path / "cache")
+    assert (predictor.width, predictor.height) == (720, 480)
+    meta, frames = read_mp4(predictor.run(image=image_file, num_frames=49, num_inference_steps=1, fps=8, seed=3))
+    assert frames.shape == (49, 480, 720, 3)
+    assert meta["fps"] == 8 and meta["size"] == (720, 480)
+
+
+# --- through the real Cog server ------------------------------------------------------------------------------------
+
+
+def test_server_predicts_fails_cleanly_and_recovers(cog_server: Any, image_file: Path, tmp_path: Path) -> None:
+    server = cog_server("i2v")
+    assert server.status() == "READY"
+    inputs = {"image": data_url(image_file), "prompt": PROMPT, "num_frames": 9, "num_inference_steps": 2, "seed": 7}
+
+    ok = server.predict(**inputs)
+    assert ok["status"] == "succeeded", ok
+    meta, frames = read_mp4(decode_data_url(ok["output"], tmp_path / "a.mp4"))
+    assert frames.shape == (9, 64, 96, 3) and meta["fps"] == 8 and meta["codec"] == "h264"
+    assert "Using seed: 7" in ok["logs"] and "Denoising step 2/2" in ok["logs"]
+    assert ok["metrics"]["timing"]["inference"] > 0 and ok["metrics"]["timing"]["encode"] > 0
+    assert "download_s" in ok["metrics"]["setup"]
+
+    bad = server.predict(**{**inputs, "num_frames": 50})
+    assert bad["status"] == "failed"
+    assert bad["error"].endswith("Invalid input `num_frames`: must be one of 9, 17, 25, 33, 41, 49 (got 50).")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    bad = server.predict(**{**inputs, "image": data_url(text)})
+    assert bad["status"] == "failed" and "Invalid input `image`: not a readable image" in bad["error"]
+    assert server.status() == "READY"
+
+    again = server.predict(**inputs)
+    assert again["status"] == "succeeded"
+    _, frames_again = read_mp4(decode_data_url(again["output"], tmp_path / "b.mp4"))
+    np.testing.assert_array_equal(frames_again, frames)  # same seed, same video, after the failures
+
+
+def test_server_cancel_stops_denoising_and_recovers(cog_server: Any, webhooks: Any, image_file: Path) -> None:
+    server = cog_server("i2v")
+    inputs = {"image": data_url(image_file), "num_frames": 49, "num_inference_steps": 100, "seed": 1}
+    server.predict_async("to-cancel", webhooks.url, **inputs)
+    webhooks.wait_for("to-cancel", lambda s: "Denoising step 2/100" in (s.get("logs") or ""))
+    cancelled_at = time.monotonic()
+    server.cancel("to-cancel")
+    state = webhooks.wait_for("to-cancel", lambda s: s.get("status") in ("canceled", "failed", "succeeded"), 30)
+    assert state["status"] == "canceled"
+    assert time.monotonic() - cancelled_at < 5  # within a step or two (a tiny step takes ~0.1 s)
+    assert "Denoising step 100/100" not in state["logs"]
+    assert server.predict(**{**inputs, "num_frames": 9, "num_inference_steps": 1})["status"] == "succeeded"
+    assert server.status() == "READY"
