@@ -63,10 +63,10 @@ class Predictor(BaseRunner):
         ),
         guidance_scale: float = Input(description="How closely to follow the prompt.", ge=1.0, le=30.0, default=15.0),
         width: int = Input(
-            description="Output width, a multiple of 8. The model was trained at 1024.", ge=128, le=1280, default=1024
+            description="Output width, a multiple of 8. The model was trained at 1024.", ge=64, le=1280, default=1024
         ),
         height: int = Input(
-            description="Output height, a multiple of 8. The model was trained at 576.", ge=128, le=1280, default=576
+            description="Output height, a multiple of 8. The model was trained at 576.", ge=64, le=1280, default=576
         ),
         sizing_strategy: str = SHARED_INPUTS.sizing_strategy,
         max_frames: int = Input(

@@ -6,6 +6,7 @@ import functools
 import gc
 import inspect
 import logging
+import pathlib
 import random
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def _check(name: str, value: Any, field: FieldInfo, hint: Any) -> Any:
             return None
         raise InputError(f"Missing input `{name}`: it is required.")
     if base is Path:
-        if not isinstance(value, Path):
+        if not isinstance(value, pathlib.Path):
             raise InputError(f"Invalid input `{name}`: expected a file or URL, got {value!r}.")
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):

@@ -131,7 +131,7 @@ class CogServer:
                 status = "DOWN"
             if status == "READY":
                 return
-            assert status in ("DOWN", "STARTING"), f"server status {status}"
+            assert status in ("DOWN", "STARTING", "BUSY"), f"server status {status}"  # BUSY: finishing a prediction
             time.sleep(0.2)
         raise TimeoutError("the Cog server did not become READY")
 
@@ -244,6 +244,16 @@ def write_video(path: Path, frames: np.ndarray, fps: float, output_params: list[
         writer.send(np.ascontiguousarray(frame))
     writer.close()
     return path
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *args], check=True)
+
+
+def rotate_video(source: Path, dest: Path, degrees: int = 90) -> Path:
+    """Copy a video, adding display-rotation metadata as phones do (no re-encode)."""
+    ffmpeg("-display_rotation", str(degrees), "-i", str(source), "-c", "copy", str(dest))
+    return dest
 
 
 def gradient_frames(count: int, height: int, width: int) -> np.ndarray:

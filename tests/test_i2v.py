@@ -145,7 +145,7 @@ def test_server_predicts_fails_cleanly_and_recovers(cog_server: Any, image_file:
     text.write_text("not an image")
     bad = server.predict(**{**inputs, "image": data_url(text)})
     assert bad["status"] == "failed" and "Invalid input `image`: not a readable image" in bad["error"]
-    assert server.status() == "READY"
+    server.wait_ready(10)
 
     again = server.predict(**inputs)
     assert again["status"] == "succeeded"
@@ -165,4 +165,4 @@ def test_server_cancel_stops_denoising_and_recovers(cog_server: Any, webhooks: A
     assert time.monotonic() - cancelled_at < 5  # within a step or two (a tiny step takes ~0.1 s)
     assert "Denoising step 100/100" not in state["logs"]
     assert server.predict(**{**inputs, "num_frames": 9, "num_inference_steps": 1})["status"] == "succeeded"
-    assert server.status() == "READY"
+    server.wait_ready(10)

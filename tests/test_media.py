@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gradient_frames, read_mp4, write_video
+from conftest import ffmpeg, gradient_frames, read_mp4, rotate_video, write_video
 from PIL import Image
 
 from media import fit_image, load_image, read_video, write_mp4
@@ -141,16 +141,7 @@ def test_read_evenly_spaced_frames_keeps_the_duration(tmp_path: Path) -> None:
 
 def test_rotation_metadata_is_honoured(tmp_path: Path) -> None:
     source = write_video(tmp_path / "in.mp4", gradient_frames(4, 48, 64), fps=10)
-    rotated = tmp_path / "rotated.mp4"
-    import subprocess
-
-    import imageio_ffmpeg
-
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i", str(source), "-c", "copy",
-         str(rotated)],
-        check=True,
-    )  # fmt: skip
+    rotated = rotate_video(source, tmp_path / "rotated.mp4")
     frames, _ = read_video(rotated, max_frames=4, sampling="first")
     assert frames[0].size == (48, 64)
 
@@ -164,16 +155,8 @@ def test_odd_sized_video_and_single_frame(tmp_path: Path) -> None:
 def test_variable_frame_rate_is_resampled(tmp_path: Path) -> None:
     source = write_video(tmp_path / "in.mp4", gradient_frames(20, 32, 32), fps=10)
     vfr = tmp_path / "vfr.mp4"
-    import subprocess
-
-    import imageio_ffmpeg
-
     # Frames 0-9 at 10 fps, then 10-19 at 2.5 fps: 1 s + 4 s.
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), "-vf",
-         "setpts='if(lt(N,10),N/10,1+(N-10)*0.4)/TB'", "-fps_mode", "vfr", str(vfr)],
-        check=True,
-    )  # fmt: skip
+    ffmpeg("-i", str(source), "-vf", "setpts='if(lt(N,10),N/10,1+(N-10)*0.4)/TB'", "-fps_mode", "vfr", str(vfr))
     frames, fps = read_video(vfr, max_frames=48, sampling="first")
     assert fps > 0
     assert len(frames) == pytest.approx(fps * 5, abs=3)  # constant rate over the whole 5 s
@@ -195,14 +178,8 @@ def test_unreadable_videos_fail_clearly(tmp_path: Path, content: bytes, message:
 
 
 def test_audio_only_file_fails_clearly(tmp_path: Path) -> None:
-    import subprocess
-
-    import imageio_ffmpeg
-
     path = tmp_path / "audio.m4a"
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", str(path)], check=True
-    )
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(path))
     with pytest.raises(InputError, match="no video stream"):
         read_video(path, 8, "first")
 
