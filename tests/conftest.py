@@ -7,27 +7,22 @@ import functools
 import http.server
 import importlib
 import json
-import mimetypes
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
 import tiny_weights
+from harness import CogServer, data_url, serve_directory  # noqa: F401 - data_url is re-exported to tests
 
-ROOT = Path(__file__).resolve().parent.parent
 MODULES = {"i2v": "predict_i2v", "v2v": "predict_v2v"}
-URL_VARIABLES = {"i2v": "COGVIDEOX_I2V_WEIGHTS_URL", "v2v": "ZEROSCOPE_XL_WEIGHTS_URL"}
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +33,7 @@ def served_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def weights_server(served_dir: Path) -> Iterator[str]:
     """A plain static file server on 127.0.0.1 for `served_dir`; yields its base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served_dir))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_directory(served_dir)
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
 
@@ -82,87 +74,6 @@ def v2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     return load_predictor("v2v", weights_urls["v2v"], tmp_path_factory.mktemp("cache-v2v"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(path: Path) -> str:
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-class CogServer:
-    """`python -m cog.server.http` serving one predictor, as in the Cog image but without Docker."""
-
-    def __init__(self, model: str, weights_url: str, cache: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PORT": str(self.port),
-            "COG_PREDICT_TYPE_STUB": f"{MODULES[model]}.py:Predictor",
-            URL_VARIABLES[model]: weights_url,
-            "WEIGHTS_CACHE_DIR": str(cache),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.log = log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=300)
-
-    def status(self) -> str:
-        return self.client.get("/health-check").json()["status"]
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the Cog server exited"
-            try:
-                status = self.status()
-            except httpx.TransportError:
-                status = "DOWN"
-            if status == "READY":
-                return
-            assert status in ("DOWN", "STARTING", "BUSY"), f"server status {status}"  # BUSY: finishing a prediction
-            time.sleep(0.2)
-        raise TimeoutError("the Cog server did not become READY")
-
-    def predict(self, **inputs: Any) -> dict:
-        """A synchronous prediction; waits while the slot is still busy finishing the previous one (HTTP 409)."""
-        deadline = time.monotonic() + 30
-        while (response := self.client.post("/predictions", json={"input": inputs})).status_code == 409:
-            assert time.monotonic() < deadline, "the server stayed busy"
-            time.sleep(0.1)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def predict_async(self, prediction_id: str, webhook: str, **inputs: Any) -> None:
-        """Start a prediction that reports its progress to `webhook` (Cog has no GET for a prediction's state)."""
-        body = {"id": prediction_id, "input": inputs, "webhook": webhook}
-        response = self.client.post("/predictions", json=body, headers={"Prefer": "respond-async"})
-        assert response.status_code == 202, response.text
-
-    def cancel(self, prediction_id: str) -> None:
-        assert self.client.post(f"/predictions/{prediction_id}/cancel").status_code == 200
-
-    def close(self) -> None:
-        self.client.close()
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-
-
 @pytest.fixture(scope="session")
 def cog_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Factory: cog_server("i2v") starts (once per session) a READY server for that model."""
@@ -171,7 +82,7 @@ def cog_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFa
     def start(model: str) -> CogServer:
         if model not in servers:
             base = tmp_path_factory.mktemp(f"server-{model}")
-            servers[model] = CogServer(model, weights_urls[model], base / "cache", base / "server.log")
+            servers[model] = CogServer(MODULES[model], weights_urls[model], base / "cache", base / "server.log")
             servers[model].wait_ready()
         return servers[model]
 

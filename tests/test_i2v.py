@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import data_url, decode_data_url, load_predictor, read_mp4
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
+from conftest import data_url, decode_data_url, load_predictor, read_mp4
 from serving import InputError
 
 PROMPT = "a red boat sails across a calm lake"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ffmpeg, gradient_frames, read_mp4, rotate_video, write_video
 from PIL import Image
 
+from conftest import ffmpeg, gradient_frames, read_mp4, rotate_video, write_video
 from media import fit_image, load_image, read_video, write_mp4
 from serving import InputError
 

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import data_url, decode_data_url, gradient_frames, read_mp4, rotate_video, write_video
 from diffusers import VideoToVideoSDPipeline
 from PIL import Image
 
+from conftest import data_url, decode_data_url, gradient_frames, read_mp4, rotate_video, write_video
 from serving import InputError
 
 PROMPT = "a sailing boat, highly detailed"

@@ -1,0 +1,114 @@
+"""Drive the real Cog server (`python -m cog.server.http`, no Docker) against weights served from 127.0.0.1.
+
+Used by the tests and by script/demo.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import mimetypes
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+URL_VARIABLES = {"predict_i2v": "COGVIDEOX_I2V_WEIGHTS_URL", "predict_v2v": "ZEROSCOPE_XL_WEIGHTS_URL"}
+
+
+def serve_directory(directory: Path) -> http.server.ThreadingHTTPServer:
+    """A plain static file server for `directory` on 127.0.0.1, in a background thread."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+class CogServer:
+    """`python -m cog.server.http` serving one predictor, as in the Cog image but without Docker."""
+
+    def __init__(self, module: str, weights_url: str, cache: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PORT": str(self.port),
+            "COG_PREDICT_TYPE_STUB": f"{module}.py:Predictor",
+            URL_VARIABLES[module]: weights_url,
+            "WEIGHTS_CACHE_DIR": str(cache),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=300)
+
+    def status(self) -> str:
+        return self.client.get("/health-check").json()["status"]
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the Cog server exited"
+            try:
+                status = self.status()
+            except httpx.TransportError:
+                status = "DOWN"
+            if status == "READY":
+                return
+            assert status in ("DOWN", "STARTING", "BUSY"), f"server status {status}"  # BUSY: finishing a prediction
+            time.sleep(0.2)
+        raise TimeoutError("the Cog server did not become READY")
+
+    def predict(self, **inputs: Any) -> dict:
+        """A synchronous prediction; waits while the slot is still busy finishing the previous one (HTTP 409)."""
+        deadline = time.monotonic() + 30
+        while (response := self.client.post("/predictions", json={"input": inputs})).status_code == 409:
+            assert time.monotonic() < deadline, "the server stayed busy"
+            time.sleep(0.1)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def predict_async(self, prediction_id: str, webhook: str, **inputs: Any) -> None:
+        """Start a prediction that reports its progress to `webhook` (Cog has no GET for a prediction's state)."""
+        body = {"id": prediction_id, "input": inputs, "webhook": webhook}
+        response = self.client.post("/predictions", json=body, headers={"Prefer": "respond-async"})
+        assert response.status_code == 202, response.text
+
+    def cancel(self, prediction_id: str) -> None:
+        assert self.client.post(f"/predictions/{prediction_id}/cancel").status_code == 200
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
