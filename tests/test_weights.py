@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import weights
+from weights import MARKER, WeightsError, download_weights
 
-import weights  # noqa: E402
-from weights import MARKER, WeightsError, download_weights  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 REAL_WHICH = shutil.which
 BIG = bytes(range(256)) * 2048  # 512 KiB, several 64 KiB chunks
@@ -122,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
@@ -327,7 +326,7 @@ def test_single_top_level_directory_is_normalised(server: Server, tmp_path: Path
 def test_missing_model_index(server: Server, tmp_path: Path) -> None:
     files = {k: v for k, v in FILES.items() if k != "model_index.json"}
     url = serve(server, data=make_tar(files, prefix="top/"))
-    with pytest.raises(WeightsError, match="not a diffusers folder: model_index.json missing") as exc:
+    with pytest.raises(WeightsError, match=r"not a diffusers folder: model_index\.json missing") as exc:
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
     assert_nothing_installed(tmp_path / "model")
