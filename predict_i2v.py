@@ -24,9 +24,6 @@ from serving import (
     validate_inputs,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 WEIGHTS_URL = os.environ.get(
     "COGVIDEOX_I2V_WEIGHTS_URL", "https://weights.replicate.delivery/default/THUDM/CogVideo/model_cache_i2v.tar"
 )

@@ -25,9 +25,6 @@ from serving import (
     validate_inputs,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 WEIGHTS_URL = os.environ.get(
     "ZEROSCOPE_XL_WEIGHTS_URL", "https://weights.replicate.delivery/default/cerspense/zeroscope_v2_XL.tar"
 )

@@ -132,7 +132,7 @@ def load_pipeline(pipeline_cls: Any, url: str, name: str, cuda_dtype: torch.dtyp
     start = time.perf_counter()
     timings = download_weights(url, cache_dir() / name)
     device, dtype = ("cuda", cuda_dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
-    pipe = pipeline_cls.from_pretrained(cache_dir() / name, dtype=dtype)
+    pipe = pipeline_cls.from_pretrained(cache_dir() / name, dtype=dtype, local_files_only=True)  # never the hub
     place_pipeline(pipe, device, resident_gib)
     pipe.set_progress_bar_config(disable=True)
     timings["load_s"] = time.perf_counter() - start - timings["download_s"]
