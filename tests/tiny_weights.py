@@ -71,6 +71,11 @@ ZEROSCOPE_V2_XL_SCHEDULER_CONFIG: dict = {
 
 COGVIDEOX_MAX_TEXT_SEQ_LENGTH = 226  # real transformer config + real tokenizer model_max_length
 CLIP_MAX_LENGTH = 77
+_T5_TOKENIZER_CONFIG = {
+    "tokenizer_class": "T5Tokenizer",
+    "model_max_length": COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
+    "extra_ids": 0,
+}
 
 # Words that get their own token in both tiny tokenizers (anything else still tokenizes:
 # T5 falls back to single letters / <unk>, CLIP to byte-level characters).
@@ -88,24 +93,24 @@ _PUNCT = ".,!?'\"-:;()"
 # ---------------------------------------------------------------------------
 
 
-def _t5_tokenizer():
+def _t5_tokenizer(folder: Path):
+    """A real SentencePiece model trained offline on a few sentences, saved as the hub repo ships its tokenizer:
+    spiece.model + tokenizer_config.json, no tokenizer.json (so loading takes the sentencepiece/protobuf path)."""
+    import sentencepiece as spm
     from transformers import T5Tokenizer
 
-    sp = "\u2581"  # SentencePiece word-boundary marker
-    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (sp, -2.0)]
-    seen = {p for p, _ in vocab}
-
-    def add(piece: str, score: float) -> None:
-        if piece not in seen:
-            seen.add(piece)
-            vocab.append((piece, score))
-
-    for w in _WORDS:
-        add(sp + w, -3.0)
-    for c in _LETTERS + _PUNCT:
-        add(sp + c, -6.0)
-        add(c, -7.0)
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=COGVIDEOX_MAX_TEXT_SEQ_LENGTH)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    sentences = [" ".join(_WORDS[i::5]) for i in range(5)] + [" ".join(_LETTERS + _PUNCT)]
+    corpus.write_text("\n".join(sentences * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=100, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    corpus.unlink()
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(_T5_TOKENIZER_CONFIG))
+    return T5Tokenizer.from_pretrained(folder)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -175,7 +180,7 @@ def build_i2v(
 
     dest = Path(dest)
     latent_channels = 4  # real: 16
-    tokenizer = _t5_tokenizer()
+    tokenizer = _t5_tokenizer(dest / "tokenizer")
 
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
@@ -259,6 +264,10 @@ def build_i2v(
     )
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
+    if (dest / "tokenizer" / "spiece.model").exists():  # keep the hub's tokenizer layout: no tokenizer.json
+        for name in ("tokenizer.json", "special_tokens_map.json"):
+            (dest / "tokenizer" / name).unlink(missing_ok=True)
+        (dest / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(_T5_TOKENIZER_CONFIG))
     return dest
 
 
