@@ -8,11 +8,13 @@ import inspect
 import logging
 import pathlib
 import random
+import shutil
 import sys
 import tempfile
 import time
+import traceback
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from cog import Input, Path, current_scope
 from cog.input import FieldInfo
+from cog.types import URLPath
 
 from weights import cache_dir, download_weights
 
@@ -38,7 +41,12 @@ class SharedInputs:
 
     prompt: Any = Input(description="Text describing the video you want.", default="")
     negative_prompt: Any = Input(description="Things you do not want to see in the video.", default="")
-    seed: Any = Input(description="Random seed. Leave blank for a random one; the seed used is logged.", default=None)
+    seed: Any = Input(
+        description="Random seed. Leave blank for a random one; the seed used is logged.",
+        ge=0,
+        le=2**32 - 1,  # torch's generator takes 64 bits; random seeds are drawn from this range
+        default=None,
+    )
     sizing_strategy: Any = Input(
         description="How to fit inputs of another aspect ratio to the output size: center_crop (scale to cover, "
         "crop the overflow), pad (scale to fit, black bars) or stretch (distort to fit).",
@@ -97,7 +105,8 @@ def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
     """Check every input of `run` against its signature before running it.
 
     Input() declarations are the single source of truth: this gives the same messages whether or not the server
-    validated against an OpenAPI schema first, and fills in defaults the schema-less server leaves out.
+    validated against an OpenAPI schema first, and fills in defaults the schema-less server leaves out. Before the
+    run it also deletes input downloads earlier predictions left behind (see _download_input).
     """
     params = list(inspect.signature(run).parameters.values())[1:]
     hints = typing.get_type_hints(run)
@@ -109,6 +118,7 @@ def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
             allowed = ", ".join(p.name for p in params)
             raise InputError(f"Unknown input `{unknown[0]}`: allowed inputs are {allowed}.")
         values = {p.name: _check(p.name, kwargs.get(p.name, p.default), p.default, hints[p.name]) for p in params}
+        _remove_stale_inputs(keep=values.values())
         return run(self, **values)
 
     return wrapper
@@ -174,6 +184,38 @@ def record_setup_metrics(timings: dict[str, float]) -> None:
 
 
 _OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-output-"))
+_INPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-inputs-"))
+
+
+def _download_input(self: URLPath) -> pathlib.Path:
+    """Cog's URLPath.convert (cog 0.23.1) downloading into _INPUT_DIR, and removing the file if the download fails.
+
+    Cog's own leaves its temp file behind when a download fails (a 404 leaves an empty file) and when the prediction
+    is cancelled during the download (the file is complete but Cog no longer deletes it). The first is handled here,
+    the second by _remove_stale_inputs() at the next prediction.
+    """
+    if self._path is None:
+        with tempfile.NamedTemporaryFile(suffix=self.filename, dir=_INPUT_DIR, delete=False) as dest:
+            try:
+                shutil.copyfileobj(self.fileobj, dest)
+            except BaseException:
+                pathlib.Path(dest.name).unlink()
+                raise
+        self._path = Path(dest.name)
+    return self._path
+
+
+URLPath.convert = _download_input
+
+
+def _remove_stale_inputs(keep: Iterable[Any]) -> None:
+    """Delete the downloads earlier predictions left behind: all in _INPUT_DIR but this prediction's own inputs.
+
+    Safe because a sync run() serves one prediction at a time.
+    """
+    for path in _INPUT_DIR.iterdir():
+        if path not in keep:
+            path.unlink(missing_ok=True)
 
 
 def output_path(name: str = "output.mp4") -> Path:
@@ -189,16 +231,16 @@ def phase(name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-        out_of_memory = False
-    except torch.OutOfMemoryError:
-        out_of_memory = True
-    if out_of_memory:  # outside the except block, so the failed step's tensors are freed first
+    except torch.OutOfMemoryError as error:
+        # The traceback keeps the failed step's frames, and so its tensors, alive (even outside this block: the
+        # caller's `with` is still handling the error): clear their locals so the memory can be given back.
+        traceback.clear_frames(error.__traceback__)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise RuntimeError(
             f"Out of GPU memory during {name}: try fewer frames, a smaller size or fewer inference steps."
-        )
+        ) from None
     seconds = time.perf_counter() - start
     record_metric(f"timing.{name}", seconds)
     logger.info("%s took %.2f s", name.capitalize(), seconds)
@@ -220,3 +262,20 @@ class StepLogger:
         """`callback_on_step_end(pipe, step, timestep, callback_kwargs)`."""
         self.on_step(step)
         return callback_kwargs
+
+
+def speed_up(model: Any, compile_blocks: bool = False) -> None:
+    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement. Lossless.
+
+    Fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the pipeline's
+    latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). With `compile_blocks` and CUDA, also compiles each
+    repeated block with torch.compile (diffusers' compile_repeated_blocks rejects both models); off by default:
+    it costs minutes at each new input shape and no GPU measurement shows it paying off yet.
+    """
+    model.fuse_qkv_projections()
+    compiled = compile_blocks and torch.cuda.is_available()
+    if compiled:
+        blocks = getattr(model, "transformer_blocks", None) or [*model.down_blocks, model.mid_block, *model.up_blocks]
+        for block in blocks:
+            block.compile()
+    logger.info("Speed-ups: fused QKV projections%s", ", compiled blocks" if compiled else "")

@@ -47,7 +47,10 @@ def data_url(path: Path) -> str:
 class CogServer:
     """`python -m cog.server.http` serving one predictor, as in the Cog image but without Docker."""
 
-    def __init__(self, module: str, weights_url: str, cache: Path, log: Path) -> None:
+    def __init__(
+        self, module: str, weights_url: str, cache: Path, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
+        """`env` adds to (or overrides) the server's environment; `cwd` is where it runs (and looks for .cog/)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -58,11 +61,12 @@ class CogServer:
             URL_VARIABLES[module]: weights_url,
             "WEIGHTS_CACHE_DIR": str(cache),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         self.log = log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

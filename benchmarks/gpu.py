@@ -1,0 +1,716 @@
+"""GPU benchmark of both predictors (issue 6: CogVideoX-5b-I2V, issue 7: zeroscope v2 XL): reference vs project.
+
+Builds the real architectures at full size with random weights straight on the GPU (random weights cost exactly
+the compute of the real ones), wraps them in the predictor the way setup() does (without the download), and
+times the predictor's own run() under each configuration, in this order:
+
+  reference  i2v: bf16 + enable_model_cpu_offload() + vae.enable_tiling() (the model card's);
+             v2v: fp16 + enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs')
+  project    what setup() does: place_pipeline() (resident on a GPU with room) + speed_up() (fused QKV)
+  fbc        project + FirstBlockCache(threshold 0.05) on the CogVideoX transformer: LOSSY (i2v only)
+  compile    project + speed_up(compile_blocks=True): each block torch.compile'd (TORCH_COMPILE=1 in production)
+  setup      the production setup() in a fresh process, weights already on local disk (saved here first)
+
+Per configuration: one warm-up run, then --repeats runs, medians of: end-to-end run() seconds, denoising seconds
+(first to last transformer/UNet forward, CUDA events) and seconds per step, text-encode / VAE-encode / VAE-decode
+seconds (synchronised wrappers), peak GPU memory, achieved TFLOP/s of the transformer/UNet (FLOPs of one forward at
+the real shapes counted with FlopCounterMode, x forwards per run / denoising seconds), the speed-up over the
+reference, and the max abs difference of the final latents (and decoded video) from the reference, same seed.
+The JSON (--json) is rewritten after each configuration, and a table row is printed as each one finishes.
+--budget-s stops before a run that would not end in time, so one command stays within the device's 10 minutes.
+
+    python benchmarks/gpu.py --model i2v --steps 10 --repeats 2 --json i2v.json    # one H100, ~6 min
+    python benchmarks/gpu.py --model v2v --repeats 2 --json v2v.json               # one H100, ~4 min
+    python benchmarks/gpu.py --smoke --model both --json smoke.json               # CPU, tiny float32 models
+
+--smoke builds tiny versions of the same architectures on the CPU in float32 (2 steps, few frames), so the whole
+code path runs without a GPU. There the reference is EMULATED: enable_model_cpu_offload(device="cpu") installs and
+runs the same offload hooks, but nothing moves; CPU timings are noise, only the code path and the numbers' agreement
+between configurations mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import tiny_weights  # noqa: E402
+import weights  # noqa: E402
+from serving import place_pipeline, speed_up  # noqa: E402
+
+START = time.perf_counter()
+SEED = 42
+PROMPT = "a golden retriever running on a beach at sunset, waves rolling in, cinematic, high quality"
+CONFIGS = ["reference", "project", "fbc", "compile", "setup"]
+FBC_THRESHOLD = 0.05
+LABELS = {
+    "reference": "reference (model card: CPU offload + VAE tiling/slicing)",
+    "project": "project (place_pipeline + speed_up: resident, fused QKV)",
+    "fbc": f"project + FirstBlockCache {FBC_THRESHOLD} (LOSSY)",
+    "compile": "project + per-block torch.compile",
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One model: what its predictor is called, how it is loaded and what a run asks for."""
+
+    module: str
+    cache_name: str  # the folder name the predictor's setup() passes to load_pipeline
+    url_env: str  # the environment variable the predictor reads its weights URL from
+    cuda_dtype: torch.dtype
+    steps: int  # the default num_inference_steps
+    strength: float = 1.0  # fraction of the steps that run (v2v)
+
+
+SPECS = {
+    "i2v": Spec("predict_i2v", "cogvideox-5b-i2v", "COGVIDEOX_I2V_WEIGHTS_URL", torch.bfloat16, 50),
+    "v2v": Spec("predict_v2v", "zeroscope-v2-xl", "ZEROSCOPE_XL_WEIGHTS_URL", torch.float16, 40, 0.6),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The models: published configs (full) or tiny ones (--smoke), random weights, built on the target device
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _make(device: str, dtype: torch.dtype, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Construct a module directly on `device` (default random init there), then cast it to `dtype`."""
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        module = build()
+    return module.to(dtype).eval().requires_grad_(False)
+
+
+def build_i2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
+    """CogVideoXImageToVideoPipeline with THUDM/CogVideoX-5b-I2V's architecture (or a tiny one)."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_weights._t5_tokenizer(workdir / "t5-tokenizer")  # 100 ids: fits the real 32128 vocab
+    if smoke:
+        t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        dit = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32, latent=4)
+        dit.update(sample_height=4, sample_width=6)  # 32x48 pixels
+        vae = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2)
+    else:  # google/t5-v1_1-xxl encoder; CogVideoX-5b-I2V transformer and VAE
+        t5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+        dit = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, time_embed_dim=512, latent=16)
+        dit.update(sample_height=60, sample_width=90)  # 480x720 pixels
+        vae = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, norm_num_groups=32)
+    latent = dit.pop("latent")
+    text_encoder = _make(device, dtype, lambda: T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer) if smoke else 32128, num_decoder_layers=t5["num_layers"],
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6, dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, **t5,
+    )))  # fmt: skip
+    transformer = _make(device, dtype, lambda: CogVideoXTransformer3DModel(
+        in_channels=2 * latent, out_channels=latent, flip_sin_to_cos=True, freq_shift=0,
+        text_embed_dim=t5["d_model"], dropout=0.0, attention_bias=True, sample_frames=49, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=tiny_weights.COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
+        activation_fn="gelu-approximate", timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5,
+        spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=True, **dit,
+    ))  # fmt: skip
+    vae = _make(device, dtype, lambda: AutoencoderKLCogVideoX(
+        latent_channels=latent, temporal_compression_ratio=4, sample_height=480, sample_width=720,
+        scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False, **vae,
+    ))  # fmt: skip
+    scheduler = CogVideoXDDIMScheduler(**tiny_weights.COGVIDEOX_5B_I2V_SCHEDULER_CONFIG)
+    return CogVideoXImageToVideoPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
+
+
+def build_v2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
+    """VideoToVideoSDPipeline with cerspense/zeroscope_v2_XL's architecture (or a tiny one)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel, VideoToVideoSDPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_weights._clip_tokenizer()  # < 1000 ids: fits the real 49408 vocab
+    if smoke:
+        clip = dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2)
+        unet = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=4)
+        vae = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2)
+    else:  # OpenCLIP ViT-H text tower (as SD 2); zeroscope v2 XL UNet3D; SD 2 VAE
+        clip = dict(
+            hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23, num_attention_heads=16
+        )
+        unet = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32)
+        unet.update(attention_head_dim=64)
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+    text_encoder = _make(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer) if smoke else 49408, max_position_embeddings=tiny_weights.CLIP_MAX_LENGTH,
+        hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **clip,
+    )))  # fmt: skip
+    unet = _make(device, dtype, lambda: UNet3DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_eps=1e-5,
+        cross_attention_dim=clip["hidden_size"], **unet,
+    ))  # fmt: skip
+    vae = _make(device, dtype, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", latent_channels=4, sample_size=768,
+        scaling_factor=0.18215, **vae,
+    ))  # fmt: skip
+    scheduler = DDIMScheduler(**tiny_weights.ZEROSCOPE_V2_XL_SCHEDULER_CONFIG)
+    return VideoToVideoSDPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
+
+
+BUILDERS = {"i2v": build_i2v, "v2v": build_v2v}
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def make_predictor(model: str, pipe: Any) -> Any:
+    """The predictor with `pipe`, set up as its setup() does after load_pipeline (no download, no warm-up)."""
+    module = importlib.import_module(SPECS[model].module)
+    predictor = module.Predictor.__new__(module.Predictor)
+    predictor.pipe, predictor.setup_timings = pipe, {}
+    pipe.set_progress_bar_config(disable=True)
+    if model == "i2v":
+        predictor.schedulers = {
+            name: cls.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+            for name, cls in module.SCHEDULERS.items()
+        }
+        predictor.width = pipe.transformer.config.sample_width * pipe.vae_scale_factor_spatial
+        predictor.height = pipe.transformer.config.sample_height * pipe.vae_scale_factor_spatial
+    else:
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return predictor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring one run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Probe:
+    """Times a pipeline call's phases and keeps its final latents, without changing what it computes."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe, self.denoiser = pipe, denoiser_of(pipe)
+        self.cuda = torch.cuda.is_available()
+        self.forward_inputs: tuple | None = None  # (args, kwargs) of one denoiser forward, for the FLOP count
+        self.reset()
+
+    def reset(self) -> None:
+        self.phases = {"text_encode_s": 0.0, "vae_encode_s": 0.0, "vae_decode_s": 0.0}
+        self.marks: list[list[Any]] = []  # [start, end] of each denoiser forward
+        self.latents: torch.Tensor | None = None
+        self.video: torch.Tensor | None = None
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _timed(self, name: str, fn: Callable[..., Any], keep: bool = False) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            self.phases[name] += time.perf_counter() - start
+            if keep:  # decode_latents(latents) -> video
+                self.latents, self.video = args[0].detach().float().cpu(), out.detach().float().cpu()
+            return out
+
+        return wrapper
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.forward_inputs is None:
+            self.forward_inputs = (args, kwargs)
+        self.marks.append([self._now(), None])
+
+    def _post(self, module: Any, args: tuple, output: Any) -> None:
+        self.marks[-1][1] = self._now()
+
+    def __enter__(self) -> Probe:
+        self.pipe.encode_prompt = self._timed("text_encode_s", self.pipe.encode_prompt)
+        self.pipe.vae.encode = self._timed("vae_encode_s", self.pipe.vae.encode)
+        self.pipe.decode_latents = self._timed("vae_decode_s", self.pipe.decode_latents, keep=True)
+        self.hooks = [
+            self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.denoiser.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        del self.pipe.encode_prompt, self.pipe.vae.encode, self.pipe.decode_latents
+
+    def forward_seconds(self) -> tuple[float, list[float]]:
+        """(first forward's start to last forward's end, each forward's own time), in seconds."""
+        if self.cuda:
+            sync()
+            spans = [start.elapsed_time(end) / 1e3 for start, end in self.marks]
+            return self.marks[0][0].elapsed_time(self.marks[-1][1]) / 1e3, spans
+        return self.marks[-1][1] - self.marks[0][0], [end - start for start, end in self.marks]
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode counts the CUDA attention kernels but not the CPU one (smoke runs): count it the same way."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(op)
+        def _cpu_sdpa(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(probe: Probe) -> int:
+    """FLOPs of one denoiser forward at the real shapes (the inputs captured from a run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    args, kwargs = probe.forward_inputs
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe.denoiser(*args, **kwargs)
+    sync()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    steps: int
+    frames: int
+    width: int = 0  # v2v only (i2v's size is fixed by the model)
+    height: int = 0
+
+
+def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
+    """A still image (i2v) and a 24-frame moving-gradient clip (v2v), in a size to be fitted as users' are."""
+    rng = np.random.default_rng(SEED)
+    width, height = (128, 72) if smoke else (960, 640)
+    x = np.linspace(0, 255, width)[None, :, None] * np.array([1.0, 0.6, 0.3])
+    image = np.clip(x + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(image).save(workdir / "input.png")
+    width, height = (128, 72) if smoke else (640, 360)
+    video = workdir / "input.mp4"
+    writer = imageio_ffmpeg.write_frames(
+        str(video), (width, height), fps=8, macro_block_size=1, ffmpeg_log_level="error"
+    )
+    writer.send(None)
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    for i in range(24):
+        frame = np.stack([np.roll(x, 7 * i, axis=1), y, np.full_like(x, (i * 37) % 256)], axis=-1)
+        writer.send(np.ascontiguousarray(frame.astype(np.uint8)))
+    writer.close()
+    return workdir / "input.png", video
+
+
+def call_run(model: str, predictor: Any, settings: Settings, image: Path, video: Path) -> Any:
+    """The predictor's run(), with the benchmark's inputs (cog.Path, as the server passes them)."""
+    from cog import Path as CogPath
+
+    if model == "i2v":
+        return predictor.run(
+            image=CogPath(image), prompt=PROMPT, negative_prompt="", num_frames=settings.frames,
+            num_inference_steps=settings.steps, guidance_scale=6.0, use_dynamic_cfg=True, scheduler="cogvideox_dpm",
+            fps=8, seed=SEED,
+        )  # fmt: skip
+    return predictor.run(
+        video=CogPath(video), prompt=PROMPT, negative_prompt="", strength=SPECS["v2v"].strength,
+        num_inference_steps=settings.steps, guidance_scale=15.0, width=settings.width, height=settings.height,
+        max_frames=settings.frames, seed=SEED,
+    )  # fmt: skip
+
+
+def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
+    gc.collect()
+    if probe.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    probe.reset()
+    with probe:
+        start = time.perf_counter()
+        run()
+        sync()
+        e2e = time.perf_counter() - start
+    denoise, spans = probe.forward_seconds()
+    return {
+        "e2e_s": e2e,
+        "denoise_s": denoise,
+        "forwards": len(spans),
+        "forward_median_s": statistics.median(spans),
+        **probe.phases,
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if probe.cuda else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def configure(name: str, model: str, pipe: Any, device: str) -> dict[str, Any]:
+    """Put the pipeline in configuration `name` (applied in CONFIGS order); what was done, for the report."""
+    spec = SPECS[model]
+    resident_gib = importlib.import_module(spec.module).RESIDENT_GIB
+    if name == "reference":
+        pipe.enable_model_cpu_offload(device=device)
+        pipe.vae.enable_tiling() if model == "i2v" else pipe.vae.enable_slicing()
+        emulated = "CPU: the offload hooks run, but there is no GPU to move the models to" if device == "cpu" else None
+        return {"placement": "offload", "emulated": emulated}
+    if name == "project":
+        pipe.remove_all_hooks()  # undo the reference's offloading
+        pipe.vae.disable_tiling()
+        pipe.vae.disable_slicing()
+        placement = place_pipeline(pipe, device, resident_gib)
+        speed_up(denoiser_of(pipe))
+        return {"placement": placement}
+    if name == "fbc":
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=FBC_THRESHOLD))
+        return {"lossy": True, "note": "effective TFLOP/s: cached steps skip most blocks"}
+    if name == "compile":
+        speed_up(denoiser_of(pipe), compile_blocks=True)
+        return {"note": "warmup_s includes compiling"}
+    raise ValueError(name)
+
+
+def unconfigure(name: str, pipe: Any) -> None:
+    if name == "fbc":
+        pipe.transformer.disable_cache()
+
+
+def skip_reason(name: str, model: str, device: str) -> str | None:
+    if name == "fbc" and model == "v2v":
+        return "UNet3D has no cache support in diffusers"
+    if name == "compile" and device == "cpu":
+        return "speed_up compiles only on CUDA"
+    return None
+
+
+def summarise(runs: list[dict], flops: int | None, executed_steps: int, default_steps: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if run[key] is not None]
+        summary[key] = statistics.median(values) if values else None
+    summary["step_s"] = summary["denoise_s"] / executed_steps
+    summary["tflops"] = flops * summary["forwards"] / summary["denoise_s"] / 1e12 if flops else None
+    summary["e2e_s_at_default_steps"] = summary["e2e_s"] + (default_steps - executed_steps) * summary["step_s"]
+    return summary
+
+
+def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    return None if a is None or b is None else (a - b).abs().max().item()
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = START + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def allows(self, estimate: float) -> bool:
+        return self.left() > estimate * 1.15 + 5
+
+
+def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Callable[[], None]) -> None:
+    """Build the model, save it for the setup measurement, and run each configuration; results go into `result`."""
+    spec = SPECS[model]
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", spec.cuda_dtype)
+    workdir = Path(result["_workdir"])
+    start = time.perf_counter()
+    pipe = BUILDERS[model](args.smoke, device, dtype, workdir)
+    sync()
+    result["build_s"] = time.perf_counter() - start
+    params = {
+        name: sum(p.numel() for p in m.parameters()) for name, m in pipe.components.items() if hasattr(m, "parameters")
+    }
+    result["params"] = params
+    print(f"[{model}] built {params} in {result['build_s']:.1f} s on {device} ({dtype})", flush=True)
+    if "setup" in args.configs:
+        start = time.perf_counter()
+        pipe.save_pretrained(workdir / "cache" / spec.cache_name, safe_serialization=True)
+        result["setup"] = {"save_s": time.perf_counter() - start}
+        print(f"[{model}] saved for the setup measurement in {result['setup']['save_s']:.1f} s", flush=True)
+        save()
+
+    predictor = make_predictor(model, pipe)
+    image, video = write_inputs(workdir, args.smoke)
+    steps = args.steps or (2 if args.smoke and model == "i2v" else 4 if args.smoke else spec.steps)
+    frames = (9 if model == "i2v" else 4) if args.smoke else (49 if model == "i2v" else 24)
+    settings = Settings(steps, frames)
+    if model == "v2v":
+        settings.width, settings.height = (64, 64) if args.smoke else (1024, 576)
+    executed = max(1, int(steps * spec.strength))
+    default_executed = int(spec.steps * spec.strength)  # for the extrapolation to the default number of steps
+    result["settings"] = {**settings.__dict__, "executed_steps": executed, "seed": SEED, "repeats": args.repeats}
+    if model == "i2v":
+        result["settings"].update(width=predictor.width, height=predictor.height)
+    run = functools.partial(call_run, model, predictor, settings, image, video)
+    probe = Probe(pipe)
+    reference: dict[str, torch.Tensor] = {}
+    last_run_s = 0.0
+    budget = Budget(args.budget_s)
+
+    for name in [c for c in CONFIGS if c in args.configs and c != "setup"]:
+        entry = result["configs"][name] = {"label": LABELS[name], "lossy": name == "fbc"}
+        if reason := skip_reason(name, model, device):
+            entry["skipped"] = reason
+            continue
+        if last_run_s and not budget.allows(2 * last_run_s):
+            entry["skipped"] = "time budget"
+            continue
+        try:
+            entry.update(configure(name, model, pipe, device))
+            start = time.perf_counter()
+            one_run(run, probe)
+            entry["warmup_s"] = last_run_s = time.perf_counter() - start
+            first_latents = probe.latents
+            if result.get("flops_per_forward") is None:
+                result["flops_per_forward"] = count_flops(probe)
+                pipe.maybe_free_model_hooks()  # offloading: put the transformer back where a run leaves it
+            runs = []
+            for _ in range(args.repeats):
+                if not budget.allows(last_run_s):
+                    entry["truncated"] = f"time budget: {len(runs)} of {args.repeats} repeats"
+                    break
+                runs.append(one_run(run, probe))
+                last_run_s = runs[-1]["e2e_s"]
+            if not runs:
+                continue
+            entry["runs"] = runs
+            entry.update(summarise(runs, result["flops_per_forward"], executed, default_executed))
+            if entry["lossy"]:
+                entry["tflops_effective"], entry["tflops"] = entry["tflops"], None
+            entry["latents_repeat_max_abs_diff"] = max_abs_diff(first_latents, probe.latents)
+            if not reference:
+                reference.update(name=name, latents=probe.latents, video=probe.video, e2e_s=entry["e2e_s"])
+                reference["step_s"] = entry["step_s"]
+            entry["compared_with"] = reference["name"]
+            entry["latents_max_abs_diff"] = max_abs_diff(reference["latents"], probe.latents)
+            entry["video_max_abs_diff"] = max_abs_diff(reference["video"], probe.video)
+            entry["speedup_vs_reference"] = reference["e2e_s"] / entry["e2e_s"]
+            entry["step_speedup_vs_reference"] = reference["step_s"] / entry["step_s"]
+            if name == "reference":
+                result["reference_latents_max_abs"] = probe.latents.abs().max().item()
+        except Exception as exc:  # report and go on with the next configuration
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            unconfigure(name, pipe)
+            save()
+            print(table_row(model, name, entry), flush=True)
+    ref, proj = result["configs"].get("reference", {}), result["configs"].get("project", {})
+    if "e2e_s" in ref and "e2e_s" in proj:
+        result["reference_over_project"] = {"e2e": ref["e2e_s"] / proj["e2e_s"], "step": ref["step_s"] / proj["step_s"]}
+
+
+def measure_setup(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The production setup() in a fresh process, timed from spawn to ready, weights on local disk.
+
+    The weights were just written, so they are read from the page cache: a cold disk adds size / disk speed.
+    """
+    spec = SPECS[model]
+    cache = workdir / "cache"
+    folder = cache / spec.cache_name
+    url = f"file:///benchmark/{spec.cache_name}.tar"  # never fetched: the marker says the cache holds it
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    (folder / weights.MARKER).write_text(json.dumps({"url": url, "bytes": size, "files": 0}))
+    code = (
+        "import time; t0 = time.time()\n"
+        f"import json, torch, {spec.module} as m\n"
+        "t1 = time.time(); p = m.Predictor(); p.setup()\n"
+        "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+        "print('SETUP_RESULT ' + json.dumps({'start': t0, 'imported': t1, 'ready': time.time(), "
+        "'timings': p.setup_timings}))\n"
+    )
+    env = {**os.environ, "WEIGHTS_CACHE_DIR": str(cache), spec.url_env: url}
+    env.pop("TORCH_COMPILE", None)  # production default
+    spawned = time.time()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=max(10.0, Budget(args.budget_s).left()),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"not ready within the time budget ({time.time() - spawned:.0f} s)"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SETUP_RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
+    child = json.loads(lines[-1].removeprefix("SETUP_RESULT "))
+    return {
+        "weights_gib": size / 2**30,
+        "setup_s": child["ready"] - spawned,  # process start to ready: interpreter, imports, load, placement, warm-up
+        "python_start_s": child["start"] - spawned,
+        "import_s": child["imported"] - child["start"],
+        **child["timings"],  # setup()'s own: download_s (0: cached), load_s, warmup_s
+        "note": "fresh process on the same machine; weights read from the page cache (just written)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+HEADER = (
+    "| model | config | e2e s | s/step | text enc s | VAE enc s | VAE dec s | peak GiB | TFLOP/s | vs ref | "
+    "latents max|diff| | e2e s at default steps |\n" + "|---" * 12 + "|"
+)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}e}" if value and abs(value) < 10**-digits else f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_row(model: str, name: str, entry: dict) -> str:
+    if "e2e_s" not in entry:
+        return f"| {model} | {name} | {entry.get('skipped') or entry.get('error') or 'no runs'} |" + " |" * 10
+    tflops = entry["tflops"] if entry["tflops"] is not None else entry.get("tflops_effective")
+    cells = [
+        model, name + (" (LOSSY)" if entry["lossy"] else "") + (" (emulated)" if entry.get("emulated") else ""),
+        _fmt(entry["e2e_s"]), _fmt(entry["step_s"], 3), _fmt(entry["text_encode_s"]), _fmt(entry["vae_encode_s"]),
+        _fmt(entry["vae_decode_s"]), _fmt(entry["peak_gpu_mem_gib"], 1), _fmt(tflops, 1),
+        _fmt(entry["speedup_vs_reference"]) + "x", _fmt(entry["latents_max_abs_diff"], 4),
+        _fmt(entry["e2e_s_at_default_steps"], 1),
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict) -> str:
+    rows = [HEADER]
+    notes = []
+    for model in ("i2v", "v2v"):
+        if model not in report:
+            continue
+        result = report[model]
+        rows += [table_row(model, name, entry) for name, entry in result["configs"].items()]
+        if setup := result.get("setup"):
+            notes.append(f"{model} setup (fresh process, weights on local disk): " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in setup.items() if isinstance(v, float | int)) + (
+                f"; error: {setup['error'][-300:]}" if "error" in setup else ""))  # fmt: skip
+        if ratio := result.get("reference_over_project"):
+            notes.append(f"{model} reference / project: e2e {ratio['e2e']:.2f}x, per step {ratio['step']:.2f}x")
+    return "\n".join(rows + [""] + notes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["i2v", "v2v", "both"], default="both")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: 50 i2v, 40 v2v; smoke 2 / 4)")
+    parser.add_argument("--repeats", type=int, help="measured runs after the warm-up (default 3; smoke 1)")
+    parser.add_argument(
+        "--configs", default=None, help=f"comma-separated, of {','.join(CONFIGS)} (default: reference,project,setup; "
+        "smoke: reference,project,fbc,setup)",
+    )  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs past this (default 540)")
+    parser.add_argument("--json", type=Path, help="write the results here (after each configuration)")
+    parser.add_argument("--workdir", type=Path, help="where to save the weights for the setup measurement")
+    parser.add_argument("--smoke", action="store_true", help="tiny float32 models on the CPU: the code path only")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.configs = args.configs or ("reference,project,fbc,setup" if args.smoke else "reference,project,setup")
+    args.configs = args.configs.split(",")
+    if unknown := set(args.configs) - set(CONFIGS):
+        parser.error(f"unknown configs: {sorted(unknown)}")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --smoke to check the code path on the CPU")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import diffusers
+    import transformers
+
+    args = parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()  # not the float32-modules and deprecation notices
+    transformers.utils.logging.set_verbosity_error()
+    report: dict[str, Any] = {
+        "meta": {
+            "command": " ".join(sys.argv),
+            "smoke": args.smoke,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "configs": args.configs,
+            "note": "random weights at the real sizes (same compute as the real ones); medians over repeats",
+        }
+    }
+
+    def save() -> None:
+        if args.json:
+            public = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in report.items()}
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(public, indent=2, default=str))
+            tmp.replace(args.json)
+
+    print(HEADER, flush=True)
+    for model in ["i2v", "v2v"] if args.model == "both" else [args.model]:
+        with tempfile.TemporaryDirectory(prefix=f"gpu-bench-{model}-", dir=args.workdir) as workdir:
+            result = report[model] = {"configs": {}, "_workdir": workdir}
+            bench_configs(model, args, result, save)
+            gc.collect()  # the benchmark's pipeline is gone: give its GPU memory to the setup process
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if "setup" in args.configs:
+                if Budget(args.budget_s).allows(60):
+                    result["setup"].update(measure_setup(model, args, Path(workdir)))
+                else:
+                    result["setup"]["skipped"] = "time budget"
+                save()
+            result.pop("_workdir")
+    print("\n" + markdown(report), flush=True)
+    save()
+    return report
+
+
+if __name__ == "__main__":
+    main()

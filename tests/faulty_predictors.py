@@ -1,0 +1,75 @@
+"""Test-only subclasses of the production predictors that inject faults when the prompt is a magic word.
+
+The Cog server loads them with COG_PREDICT_TYPE_STUB=tests/faulty_predictors.py:I2V (or :V2V). Any other prompt runs
+the production code unchanged, so the same server also serves the ordinary reliability tests. Nothing here is
+reachable from the production predictors.
+
+Magic prompts:
+  OOM           the pipeline call raises torch.OutOfMemoryError after allocating a large tensor (as a GPU OOM would
+                mid-step), so the test can check that phase() turns it into a clear error and frees the memory.
+  STALL_TEXT    text encoding never ends (until the prediction is cancelled).
+  STALL_ENCODE  the video encoder is fed one frame, then never gets the rest (until cancelled): ffmpeg is running
+                and the output file is half-written when the cancellation arrives.
+Each stall first prints "stalled in <where>" so a test can wait for that line in the prediction's logs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import predict_i2v  # noqa: E402
+import predict_v2v  # noqa: E402
+
+OOM = "__oom__"
+STALL_TEXT = "__stall_text_encoding__"
+STALL_ENCODE = "__stall_video_encoding__"
+OOM_ALLOCATION_BYTES = 512 * 2**20
+
+
+def stall(where: str) -> None:
+    while True:  # short sleeps: Cog's cancellation is raised at the next bytecode boundary
+        print(f"stalled in {where}", flush=True)  # again and again: Cog throttles the log webhooks
+        for _ in range(20):
+            time.sleep(0.01)
+
+
+class StallingFrames(np.ndarray):
+    """Frames whose iteration stops after the first one: write_mp4 hangs with ffmpeg started and the file open."""
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        yield np.asarray(self)[0]
+        stall("video encoding")
+
+
+class FaultsMixin:
+    pipe: Any
+
+    def generate(self, source: Any, prompt: str, *args: Any) -> np.ndarray:
+        if prompt == OOM:
+            held = torch.ones(OOM_ALLOCATION_BYTES // 4)  # noqa: F841 - memory a failed CUDA step would hold
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
+        if prompt == STALL_TEXT:
+            self.pipe.encode_prompt = lambda *a, **k: stall("text encoding")  # shadows the method on this instance
+            try:
+                return super().generate(source, prompt, *args)  # type: ignore[misc]
+            finally:
+                del self.pipe.encode_prompt
+        frames = super().generate(source, "" if prompt == STALL_ENCODE else prompt, *args)  # type: ignore[misc]
+        return frames.view(StallingFrames) if prompt == STALL_ENCODE else frames
+
+
+class I2V(FaultsMixin, predict_i2v.Predictor):
+    pass
+
+
+class V2V(FaultsMixin, predict_v2v.Predictor):
+    pass
