@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import tiny_weights
-from harness import CogServer, data_url, serve_directory  # noqa: F401 - data_url is re-exported to tests
+from harness import CogServer, serve_directory
 
 MODULES = {"i2v": "predict_i2v", "v2v": "predict_v2v"}
 

@@ -12,7 +12,8 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
-from conftest import data_url, decode_data_url, load_predictor, read_mp4
+from conftest import decode_data_url, load_predictor, read_mp4
+from harness import data_url
 from serving import InputError
 
 PROMPT = "a red boat sails across a calm lake"

@@ -11,7 +11,8 @@ import torch
 from diffusers import VideoToVideoSDPipeline
 from PIL import Image
 
-from conftest import data_url, decode_data_url, gradient_frames, read_mp4, rotate_video, write_video
+from conftest import decode_data_url, gradient_frames, read_mp4, rotate_video, write_video
+from harness import data_url
 from serving import InputError
 
 PROMPT = "a sailing boat, highly detailed"
