@@ -13,7 +13,6 @@ from PIL import Image
 
 from media import fit_image, load_image, to_uint8, write_mp4
 from serving import (
-    SHARED_INPUTS,
     StepLogger,
     load_pipeline,
     output_path,
@@ -29,6 +28,7 @@ WEIGHTS_URL = os.environ.get(
     "COGVIDEOX_I2V_WEIGHTS_URL", "https://weights.replicate.delivery/default/THUDM/CogVideo/model_cache_i2v.tar"
 )
 FRAME_COUNTS = [9, 17, 25, 33, 41, 49]  # 8N+1: other counts come out as mosaics or the wrong length
+# Input() arguments stay literals (or module-level literals): `cog build` reads the schema statically.
 SCHEDULERS = {"cogvideox_dpm": CogVideoXDPMScheduler, "cogvideox_ddim": CogVideoXDDIMScheduler}
 RESIDENT_GIB = 40  # free GPU memory needed to keep the whole bf16 pipeline on the GPU (~21 GiB weights + activations)
 
@@ -57,11 +57,10 @@ class Predictor(BaseRunner):
     def run(
         self,
         image: Path = Input(description="The first frame. Fitted to 720x480 (landscape) by sizing_strategy."),
-        prompt: str = SHARED_INPUTS.prompt,
-        negative_prompt: str = SHARED_INPUTS.negative_prompt,
+        prompt: str = Input(description="Text describing the video you want.", default=""),
+        negative_prompt: str = Input(description="Things you do not want to see in the video.", default=""),
         num_frames: int = Input(
-            description="Frames to generate. The model was trained on 49; fewer are faster but off its training "
-            "distribution.",
+            description="Frames to generate. The model was trained on 49; fewer are faster, off its training data.",
             choices=FRAME_COUNTS,
             default=49,
         ),
@@ -70,10 +69,21 @@ class Predictor(BaseRunner):
         ),
         guidance_scale: float = Input(description="How closely to follow the prompt.", ge=1.0, le=20.0, default=6.0),
         use_dynamic_cfg: bool = Input(description="Vary guidance over the steps (as the official demo).", default=True),
-        scheduler: str = Input(description="Sampler.", choices=list(SCHEDULERS), default="cogvideox_dpm"),
+        scheduler: str = Input(
+            description="Sampler.", choices=["cogvideox_dpm", "cogvideox_ddim"], default="cogvideox_dpm"
+        ),
         fps: int = Input(description="Frames per second of the output video.", ge=1, le=60, default=8),
-        sizing_strategy: str = SHARED_INPUTS.sizing_strategy,
-        seed: int | None = SHARED_INPUTS.seed,
+        sizing_strategy: str = Input(
+            description="Fitting another aspect ratio: center_crop (cover, crop), pad (fit, black bars) or stretch.",
+            choices=["center_crop", "pad", "stretch"],
+            default="center_crop",
+        ),
+        seed: int | None = Input(
+            description="Random seed (0 to 4294967295). Blank for a random one; the seed used is logged.",
+            ge=0,
+            le=4294967295,
+            default=None,
+        ),
     ) -> Path:
         """Animate the image into a 720x480 H.264 MP4."""
         record_setup_metrics(self.setup_timings)

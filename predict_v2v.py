@@ -13,7 +13,6 @@ from PIL import Image
 
 from media import fit_image, read_video, to_uint8, write_mp4
 from serving import (
-    SHARED_INPUTS,
     InputError,
     StepLogger,
     load_pipeline,
@@ -49,8 +48,8 @@ class Predictor(BaseRunner):
     def run(
         self,
         video: Path = Input(description="The video to re-render: any format ffmpeg reads, up to 10 minutes."),
-        prompt: str = SHARED_INPUTS.prompt,
-        negative_prompt: str = SHARED_INPUTS.negative_prompt,
+        prompt: str = Input(description="Text describing the video you want.", default=""),
+        negative_prompt: str = Input(description="Things you do not want to see in the video.", default=""),
         strength: float = Input(
             description="How much to change the video: 0 keeps it, 1 ignores it. 0.6-0.85 suits upscaling.",
             ge=0.0,
@@ -67,7 +66,11 @@ class Predictor(BaseRunner):
         height: int = Input(
             description="Output height, a multiple of 8. The model was trained at 576.", ge=64, le=1280, default=576
         ),
-        sizing_strategy: str = SHARED_INPUTS.sizing_strategy,
+        sizing_strategy: str = Input(
+            description="Fitting another aspect ratio: center_crop (cover, crop), pad (fit, black bars) or stretch.",
+            choices=["center_crop", "pad", "stretch"],
+            default="center_crop",
+        ),
         max_frames: int = Input(
             description="Frames to take from the input. The model works best at 24; quality drops past about 40.",
             ge=1,
@@ -85,7 +88,12 @@ class Predictor(BaseRunner):
             le=60,
             default=None,
         ),
-        seed: int | None = SHARED_INPUTS.seed,
+        seed: int | None = Input(
+            description="Random seed (0 to 4294967295). Blank for a random one; the seed used is logged.",
+            ge=0,
+            le=4294967295,
+            default=None,
+        ),
     ) -> Path:
         """Re-render the video as an H.264 MP4 of width x height."""
         record_setup_metrics(self.setup_timings)

@@ -1,4 +1,4 @@
-"""What both predictors share: inputs, input validation, seeds, device placement, progress and metrics."""
+"""What both predictors share: input validation, seeds, pipeline loading and placement, progress and metrics."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import traceback
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from cog import Input, Path, current_scope
+from cog import Path, current_scope
 from cog.input import FieldInfo
 from cog.types import URLPath
 
@@ -28,34 +27,9 @@ from weights import cache_dir, download_weights
 
 logger = logging.getLogger("predict")
 
-SIZING_STRATEGIES = ["center_crop", "pad", "stretch"]
-
 
 class InputError(ValueError):
     """A bad input: the message names the input and what is allowed, and is shown to the user as is."""
-
-
-@dataclass(frozen=True)
-class SharedInputs:
-    """Inputs both models take, defined once (cog-flux's pattern)."""
-
-    prompt: Any = Input(description="Text describing the video you want.", default="")
-    negative_prompt: Any = Input(description="Things you do not want to see in the video.", default="")
-    seed: Any = Input(
-        description="Random seed. Leave blank for a random one; the seed used is logged.",
-        ge=0,
-        le=2**32 - 1,  # torch's generator takes 64 bits; random seeds are drawn from this range
-        default=None,
-    )
-    sizing_strategy: Any = Input(
-        description="How to fit inputs of another aspect ratio to the output size: center_crop (scale to cover, "
-        "crop the overflow), pad (scale to fit, black bars) or stretch (distort to fit).",
-        choices=SIZING_STRATEGIES,
-        default="center_crop",
-    )
-
-
-SHARED_INPUTS = SharedInputs()
 
 
 def configure_logging() -> None:

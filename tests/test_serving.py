@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cog import Input, Path
 
-from serving import SHARED_INPUTS, InputError, output_path, resolve_seed, validate_inputs
+from serving import InputError, output_path, resolve_seed, validate_inputs
 
 
 class Runner:
@@ -13,13 +13,15 @@ class Runner:
     def run(
         self,
         image: Path = Input(description="an image"),
-        prompt: str = SHARED_INPUTS.prompt,
+        prompt: str = Input(description="prompt", default=""),
         steps: int = Input(description="steps", ge=1, le=100, default=50),
         scale: float = Input(description="scale", ge=1.0, le=20.0, default=6.0),
         frames: int = Input(description="frames", choices=[9, 17, 49], default=49),
         flag: bool = Input(description="flag", default=True),
-        sizing_strategy: str = SHARED_INPUTS.sizing_strategy,
-        seed: int | None = SHARED_INPUTS.seed,
+        sizing_strategy: str = Input(
+            description="fit", choices=["center_crop", "pad", "stretch"], default="center_crop"
+        ),
+        seed: int | None = Input(description="seed", ge=0, le=4294967295, default=None),
     ) -> dict:
         return dict(locals())
 
