@@ -20,7 +20,6 @@ from serving import (
     record_metric,
     record_setup_metrics,
     resolve_seed,
-    speed_up,
     validate_inputs,
 )
 
@@ -39,7 +38,6 @@ class Predictor(BaseRunner):
         self.pipe, self.setup_timings = load_pipeline(
             CogVideoXImageToVideoPipeline, WEIGHTS_URL, "cogvideox-5b-i2v", torch.bfloat16, RESIDENT_GIB
         )
-        speed_up(self.pipe.transformer, compile_blocks=os.environ.get("TORCH_COMPILE") == "1")  # off by default
         # As the official CLI: "trailing" spacing, which the hub's scheduler config lacks.
         self.schedulers = {
             name: cls.from_config(self.pipe.scheduler.config, timestep_spacing="trailing")

@@ -21,7 +21,6 @@ from serving import (
     record_metric,
     record_setup_metrics,
     resolve_seed,
-    speed_up,
     validate_inputs,
 )
 
@@ -37,7 +36,6 @@ class Predictor(BaseRunner):
         self.pipe, self.setup_timings = load_pipeline(
             VideoToVideoSDPipeline, WEIGHTS_URL, "zeroscope-v2-xl", torch.float16, RESIDENT_GIB
         )
-        speed_up(self.pipe.unet, compile_blocks=os.environ.get("TORCH_COMPILE") == "1")  # off by default
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         start = time.perf_counter()
