@@ -79,9 +79,10 @@ def _check(name: str, value: Any, field: FieldInfo, hint: Any) -> Any:
 def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
     """Check every input of `run` against its signature before running it.
 
-    Input() declarations are the single source of truth: this gives the same messages whether or not the server
-    validated against an OpenAPI schema first, and fills in defaults the schema-less server leaves out. Before the
-    run it also deletes input downloads earlier predictions left behind (see _download_input).
+    The Input() declarations are the single source of truth. Without an OpenAPI schema (a server started without
+    `cog build`) Cog checks nothing and passes the Input() objects for inputs not given: every check and default
+    happens here. With one, Cog rejects wrong types and out-of-range values itself (HTTP 422, its own wording)
+    before this runs. Before the run it also deletes input downloads earlier predictions left behind.
     """
     params = list(inspect.signature(run).parameters.values())[1:]
     hints = typing.get_type_hints(run)
@@ -246,7 +247,7 @@ def speed_up(model: Any, compile_blocks: bool = False) -> None:
     Fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the pipeline's
     latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). With `compile_blocks` and CUDA, also compiles each
     repeated block with torch.compile (diffusers' compile_repeated_blocks rejects both models); off by default:
-    it costs minutes at each new input shape and no GPU measurement shows it paying off yet.
+    it costs compile time at setup and at each new input shape, and no GPU measurement shows it paying off yet.
     """
     model.fuse_qkv_projections()
     compiled = compile_blocks and torch.cuda.is_available()
