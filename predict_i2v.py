@@ -26,8 +26,8 @@ from serving import (
 WEIGHTS_URL = os.environ.get(
     "COGVIDEOX_I2V_WEIGHTS_URL", "https://weights.replicate.delivery/default/THUDM/CogVideo/model_cache_i2v.tar"
 )
-FRAME_COUNTS = [9, 17, 25, 33, 41, 49]  # 8N+1: other counts come out as mosaics or the wrong length
 # Input() arguments stay literals (or module-level literals): `cog build` reads the schema statically.
+FRAME_COUNTS = [9, 17, 25, 33, 41, 49]  # 8N+1: other counts come out as mosaics or the wrong length
 SCHEDULERS = {"cogvideox_dpm": CogVideoXDPMScheduler, "cogvideox_ddim": CogVideoXDDIMScheduler}
 RESIDENT_GIB = 40  # free GPU memory needed to keep the whole bf16 pipeline on the GPU (~21 GiB weights + activations)
 
