@@ -12,8 +12,9 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
-from conftest import decode_data_url, load_predictor, read_mp4
+from conftest import assert_same_video, decode_data_url, load_predictor, read_mp4
 from harness import data_url
+from media import to_uint8
 from serving import InputError
 
 PROMPT = "a red boat sails across a calm lake"
@@ -47,38 +48,23 @@ def direct_pipeline_frames(predictor: Any, image: Image.Image, seed: int, **kwar
         output_type="np",
         **kwargs,
     ).frames[0]
-    return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return to_uint8(frames)
 
 
 @pytest.mark.parametrize("scheduler", ["cogvideox_dpm", "cogvideox_ddim"])
 def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, scheduler: str) -> None:
     settings = dict(prompt=PROMPT, negative_prompt="blurry", num_frames=9, num_inference_steps=3,
                     guidance_scale=6.0, use_dynamic_cfg=True)  # fmt: skip
-    expected = direct_pipeline_frames(i2v, Image.open(image_file).convert("RGB").resize((96, 64)), 42,
-                                      scheduler=scheduler, **settings)  # fmt: skip
     output = i2v.run(image=image_file, seed=42, scheduler=scheduler, sizing_strategy="stretch", fps=8, **settings)
 
+    # The predictor's stretch resizes with LANCZOS: the same input, so frames equal to the last bit.
+    image = Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)
+    expected = direct_pipeline_frames(i2v, image, 42, scheduler=scheduler, **settings)
+    generated = i2v.generate(image, PROMPT, "blurry", 9, 3, 6.0, True, scheduler, 42)
+    np.testing.assert_array_equal(generated, expected)
     meta, frames = read_mp4(output)
     assert frames.shape == expected.shape == (9, 64, 96, 3)
-    generated = i2v.generate(
-        Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS), PROMPT, "blurry", 9, 3, 6.0,
-        True, scheduler, 42,
-    )  # fmt: skip
-    # Same resize path as the predictor's stretch: frames equal to the last bit.
-    np.testing.assert_array_equal(generated, direct_pipeline_frames(
-        i2v, Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS), 42,
-        scheduler=scheduler, **settings))  # fmt: skip
-    assert_same_video(frames, generated)
-
-
-def assert_same_video(decoded: np.ndarray, frames: np.ndarray) -> None:
-    """The MP4 holds these frames, in order, up to H.264 4:2:0 loss (large on the tiny models' noise-like output)."""
-    assert decoded.shape == frames.shape
-    flat_decoded = decoded.reshape(len(decoded), -1).astype(float)
-    flat = frames.reshape(len(frames), -1).astype(float)
-    correlation = np.corrcoef(flat_decoded, flat)[: len(frames), len(frames) :]
-    assert (np.diag(correlation) > 0.85).all()
-    assert (correlation.argmax(axis=1) == np.arange(len(frames))).all()  # each frame is its own best match
+    assert_same_video(frames, expected)
 
 
 def test_same_seed_same_video_other_seed_other_video(i2v: Any, image_file: Path) -> None:
