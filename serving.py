@@ -120,7 +120,7 @@ def load_pipeline(pipeline_cls: Any, url: str, name: str, cuda_dtype: torch.dtyp
     device, dtype = ("cuda", cuda_dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
     pipe = pipeline_cls.from_pretrained(cache_dir() / name, dtype=dtype, local_files_only=True)  # never the hub
     place_pipeline(pipe, device, resident_gib)
-    speed_up(getattr(pipe, "transformer", None) or pipe.unet, compile_blocks=os.environ.get("TORCH_COMPILE") == "1")
+    speed_up(denoiser(pipe), compile_blocks=os.environ.get("TORCH_COMPILE") == "1")
     pipe.set_progress_bar_config(disable=True)
     timings["load_s"] = time.perf_counter() - start - timings["download_s"]
     logger.info("Weights ready in %.1f s, pipeline loaded in %.1f s", timings["download_s"], timings["load_s"])
@@ -239,6 +239,11 @@ class StepLogger:
         """`callback_on_step_end(pipe, step, timestep, callback_kwargs)`."""
         self.on_step(step)
         return callback_kwargs
+
+
+def denoiser(pipe: Any) -> torch.nn.Module:
+    """The model the denoising loop calls: CogVideoX's transformer or zeroscope's UNet3D."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
 
 
 def speed_up(model: Any, compile_blocks: bool = False) -> None:

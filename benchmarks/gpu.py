@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image
@@ -56,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import tiny_weights  # noqa: E402
 import weights  # noqa: E402
-from serving import place_pipeline, speed_up  # noqa: E402
+from media import write_mp4  # noqa: E402
+from serving import denoiser, place_pipeline, speed_up  # noqa: E402
 
 START = time.perf_counter()
 SEED = 42
@@ -189,10 +189,6 @@ def build_v2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> An
 BUILDERS = {"i2v": build_i2v, "v2v": build_v2v}
 
 
-def denoiser_of(pipe: Any) -> torch.nn.Module:
-    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-
-
 def make_predictor(model: str, pipe: Any) -> Any:
     """The predictor with `pipe`, set up as its setup() does after load_pipeline (no download, no warm-up)."""
     module = importlib.import_module(SPECS[model].module)
@@ -227,7 +223,7 @@ class Probe:
     """Times a pipeline call's phases and keeps its final latents, without changing what it computes."""
 
     def __init__(self, pipe: Any) -> None:
-        self.pipe, self.denoiser = pipe, denoiser_of(pipe)
+        self.pipe, self.denoiser = pipe, denoiser(pipe)
         self.cuda = torch.cuda.is_available()
         self.forward_inputs: tuple | None = None  # (args, kwargs) of one denoiser forward, for the FLOP count
         self.reset()
@@ -336,17 +332,9 @@ def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
     image = np.clip(x + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(image).save(workdir / "input.png")
     width, height = (128, 72) if smoke else (640, 360)
-    video = workdir / "input.mp4"
-    writer = imageio_ffmpeg.write_frames(
-        str(video), (width, height), fps=8, macro_block_size=1, ffmpeg_log_level="error"
-    )
-    writer.send(None)
     x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
-    for i in range(24):
-        frame = np.stack([np.roll(x, 7 * i, axis=1), y, np.full_like(x, (i * 37) % 256)], axis=-1)
-        writer.send(np.ascontiguousarray(frame.astype(np.uint8)))
-    writer.close()
-    return workdir / "input.png", video
+    frames = [np.stack([np.roll(x, 7 * i, axis=1), y, np.full_like(x, (i * 37) % 256)], axis=-1) for i in range(24)]
+    return workdir / "input.png", write_mp4(np.asarray(frames, dtype=np.uint8), 8, workdir / "input.mp4")
 
 
 def call_run(model: str, predictor: Any, settings: Settings, image: Path, video: Path) -> Any:
@@ -407,7 +395,7 @@ def configure(name: str, model: str, pipe: Any, device: str) -> dict[str, Any]:
         pipe.vae.disable_tiling()
         pipe.vae.disable_slicing()
         placement = place_pipeline(pipe, device, resident_gib)
-        speed_up(denoiser_of(pipe))
+        speed_up(denoiser(pipe))
         return {"placement": placement}
     if name == "fbc":
         from diffusers import FirstBlockCacheConfig
@@ -415,7 +403,7 @@ def configure(name: str, model: str, pipe: Any, device: str) -> dict[str, Any]:
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=FBC_THRESHOLD))
         return {"lossy": True, "note": "effective TFLOP/s: cached steps skip most blocks"}
     if name == "compile":
-        speed_up(denoiser_of(pipe), compile_blocks=True)
+        speed_up(denoiser(pipe), compile_blocks=True)
         return {"note": "warmup_s includes compiling"}
     raise ValueError(name)
 
