@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving import InputError
+from inputs import InputError
 
 logger = logging.getLogger("predict")
 
@@ -18,6 +19,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger files are refused before they are
 MAX_VIDEO_SECONDS = 600
 MAX_VIDEO_SIDE = 8192
 DECODE_MAX_SIDE = 2048  # videos are scaled down to this while decoding, before the model's own resize
+_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-output-"))
 
 
 def load_image(path: Path, name: str = "image") -> Image.Image:
@@ -131,7 +133,10 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, fps: float, path: Path) -> Path:
-    """Encode uint8 frames (F, H, W, 3) as a browser-playable H.264 yuv420p MP4 with the moov atom first."""
+    """Encode frames (F, H, W, 3), uint8 or float in [0, 1], as a browser-playable H.264 yuv420p MP4 with the moov
+    atom first."""
+    if frames.dtype != np.uint8:
+        frames = to_uint8(frames)
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
         str(path),
@@ -148,4 +153,11 @@ def write_mp4(frames: np.ndarray, fps: float, path: Path) -> Path:
     for frame in frames:
         writer.send(np.ascontiguousarray(frame))
     writer.close()
+    return path
+
+
+def output_path(name: str = "output.mp4") -> Path:
+    """The output file: one per process, overwritten by each prediction, so outputs never pile up on disk."""
+    path = _OUTPUT_DIR / name
+    path.unlink(missing_ok=True)
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -11,31 +10,25 @@ from cog import BaseRunner, Input, Path
 from diffusers import DPMSolverMultistepScheduler, VideoToVideoSDPipeline
 from PIL import Image
 
-from media import fit_image, read_video, to_uint8, write_mp4
-from serving import (
-    InputError,
-    StepLogger,
-    load_pipeline,
-    output_path,
-    phase,
-    record_metric,
-    record_setup_metrics,
-    resolve_seed,
-    validate_inputs,
-)
+from inputs import InputError, resolve_seed, validate_inputs
+from media import fit_image, output_path, read_video, write_mp4
+from pipelines import Checkpoint, load_pipeline
+from reporting import StepLogger, phase, record_metric, record_setup_metrics
 
-WEIGHTS_URL = os.environ.get(
-    "ZEROSCOPE_XL_WEIGHTS_URL", "https://weights.replicate.delivery/default/cerspense/zeroscope_v2_XL.tar"
+CHECKPOINT = Checkpoint(
+    name="zeroscope_v2_XL",
+    variable="ZEROSCOPE_XL_WEIGHTS_URL",
+    source="hf://cerspense/zeroscope_v2_XL",
+    pipeline=VideoToVideoSDPipeline,
+    cuda_dtype=torch.float16,
+    resident_gib=24,  # ~3 GiB of fp16 weights + 1024x576x24 activations
 )
-RESIDENT_GIB = 24  # free GPU memory to keep the fp16 pipeline resident (~3 GiB weights + 1024x576x24 activations)
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Fetch the weights if the cache lacks them, load the pipeline and run one warm-up step."""
-        self.pipe, self.setup_timings = load_pipeline(
-            VideoToVideoSDPipeline, WEIGHTS_URL, "zeroscope-v2-xl", torch.float16, RESIDENT_GIB
-        )
+        self.pipe, self.setup_timings = load_pipeline(CHECKPOINT)
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         start = time.perf_counter()
@@ -122,7 +115,7 @@ class Predictor(BaseRunner):
         guidance_scale: float,
         seed: int,
     ) -> np.ndarray:
-        """The pipeline call: uint8 frames (F, H, W, 3)."""
+        """The pipeline call: frames (F, H, W, 3) in [0, 1]."""
         output = self.pipe(
             prompt=prompt,
             video=frames,
@@ -135,4 +128,4 @@ class Predictor(BaseRunner):
             callback=StepLogger(int(num_inference_steps * strength)).on_step,
         ).frames[0]
         record_metric("frames", len(output))
-        return to_uint8(output)
+        return output

@@ -1,52 +1,76 @@
-"""Download a diffusers weights tarball into a local cache, atomically and safely.
+"""The weights cache: each model's diffusers folder, fetched once from a tar URL or a Hugging Face hub repo.
 
-``download_weights(url, dest)`` fetches the tar at ``url`` (with ``pget`` when it is on
-PATH, otherwise with parallel HTTP range requests on httpx), extracts it into a
-temporary sibling of ``dest``, validates the tree, writes a completion marker and
-renames it into place. Environment: WEIGHTS_CACHE_DIR, WEIGHTS_CONCURRENCY,
-WEIGHTS_CHUNK_SIZE (e.g. "16M"); pget also reads its own PGET_* variables.
+``fetch_weights(source, dest, variable)`` makes ``dest`` a complete diffusers folder. A source is
+
+  https://.../weights.tar       a tar of the folder: ``pget -x``, or the HTTP fallback (downloads.py)
+  hf://OWNER/NAME[@REVISION]    a hub repo: model_index.json and the pipeline's component folders only
+
+The folder is built in a temporary sibling of ``dest``; its ``model_index.json`` is normalised (libraries that
+diffusers cannot import are replaced by the package that defines the class), every component is checked for its
+files, a completion marker is written and the folder is renamed into place, all under a file lock: two processes
+fetch once, and an interrupted install is never taken for a cache. ``fetch_file`` does the same for one file (a
+LoRA). The cache root is $WEIGHTS_CACHE_DIR (default ./model_cache); HF_TOKEN is used for private and gated repos.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import os
-import posixpath
+import re
 import secrets
 import shutil
 import stat
-import subprocess
-import tarfile
-import threading
 import time
-from collections import Counter, deque
-from collections.abc import Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import httpx
 from filelock import FileLock, Timeout
+
+import downloads
+from downloads import RETRIES, DownloadError
 
 log = logging.getLogger(__name__)
 
 MARKER = ".weights-complete.json"
-RETRIES = 5  # attempts per request
-RETRY_BASE_S = 0.5  # exponential backoff: 0.5 s, 1 s, 2 s, 4 s
-PROGRESS_EVERY_S = 5.0
-DEFAULT_CONCURRENCY = "8"
-DEFAULT_CHUNK_SIZE = "16M"
-_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+HUB_WORKERS = 8  # files downloaded at once from the hub
+HUB_RETRY_BASE_S = 1.0  # exponential backoff between whole-snapshot attempts (each resumes where the last stopped)
+_HUB = re.compile(r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w.-]+))?(?:/(?P<path>[^@]+))?")
+_WEIGHT_FILES = {  # a model component's weights, by library: single file, sharded with an index, or pickle
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "transformers": ("model.safetensors", "pytorch_model.bin"),
+}
 
 
 class WeightsError(RuntimeError):
-    """The weights could not be downloaded, extracted or validated."""
+    """The weights could not be fetched, or what was fetched is not a usable diffusers folder."""
 
 
-class _Retryable(Exception):
-    """A transient server answer (5xx, 429) or short body, worth another attempt."""
+@dataclass(frozen=True)
+class Source:
+    """Where weights come from: an http(s) URL, or a hub repo (with a revision, and a file in it)."""
+
+    text: str
+    url: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, file: bool = False) -> Source:
+        """Parse a source; ValueError if malformed. With ``file``, an hf:// source may name a file in the repo."""
+        text = text.strip()
+        if text.startswith(("https://", "http://")) and len(text.split("/", 3)) == 4:
+            return cls(text, url=text)
+        if (match := _HUB.fullmatch(text)) and (file or not match["path"]):
+            return cls(text, repo=match["repo"], revision=match["revision"], path=match["path"])
+        raise ValueError(text)
 
 
 def cache_dir() -> Path:
@@ -54,13 +78,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WEIGHTS_CACHE_DIR", "model_cache"))
 
 
-def download_weights(url: str, dest: str | Path) -> dict[str, float]:
-    """Make ``dest`` a complete diffusers folder extracted from the tar at ``url``.
+def fetch_weights(source: str, dest: Path, variable: str) -> dict[str, float]:
+    """Make ``dest`` a complete diffusers folder from ``source``, the value of the environment ``variable``.
 
-    Returns metrics: download_s, bytes, mb_per_s (1 MB = 1e6 bytes) and cached
-    (1.0 when ``dest`` was already complete for ``url`` and nothing was fetched).
+    Returns metrics: download_s, bytes, mb_per_s (1 MB = 1e6 bytes) and cached (1.0 when ``dest`` already held
+    ``source`` and nothing was fetched). Errors are one WeightsError sentence naming the variable.
     """
-    dest = Path(dest)
+    try:
+        parsed = Source.parse(source)
+    except ValueError:
+        raise WeightsError(
+            f"{variable} is {source!r}: use an http(s):// URL of a .tar of the diffusers folder, "
+            "or hf://OWNER/NAME[@REVISION] for a Hugging Face hub repo."
+        ) from None
+    with _locked(dest) as tmp:
+        marker = _read_marker(dest)
+        if marker.get("source") == parsed.text:
+            log.info("Weights for %s already in %s", parsed.text, dest)
+            return {"download_s": 0.0, "bytes": float(marker.get("bytes", 0)), "mb_per_s": 0.0, "cached": 1.0}
+        start = time.monotonic()
+        with _errors_named(f"Cannot set up the weights in {variable} ({parsed.text})", dest):
+            if parsed.url:
+                received, commit = downloads.fetch_tar(parsed.url, tmp), None
+                root = _layout_root(tmp)
+            else:
+                received, commit = None, _hub_snapshot(parsed, tmp)
+                root = tmp
+            files, size = _check_folder(root)
+            nbytes = received if received is not None else size
+            info = {"source": parsed.text, "commit": commit, "bytes": nbytes, "files": files, "at": time.time()}
+            _replace(dest, root, info)
+    seconds = time.monotonic() - start
+    rate = nbytes / 1e6 / seconds if seconds > 0 else 0.0
+    log.info("Installed %s into %s: %.1f MB, %d files in %.1f s (%.1f MB/s)", source, dest, nbytes / 1e6, files,
+             seconds, rate)  # fmt: skip
+    return {"download_s": seconds, "bytes": float(nbytes), "mb_per_s": rate, "cached": 0.0}
+
+
+def fetch_file(source: Source, dest: Path, max_bytes: int, suffix: str) -> dict[str, float]:
+    """Make ``dest`` a complete copy of one file: an http(s) URL, or a file of a hub repo.
+
+    An hf:// source without a path picks the repo's one file ending in ``suffix``. A file over ``max_bytes`` is
+    refused. Returns metrics: download_s, bytes, cached. Errors are WeightsError fragments for the caller to name.
+    """
+    with _locked(dest) as tmp:
+        if dest.is_file():
+            os.utime(dest)  # last use, for the caller's LRU eviction
+            return {"download_s": 0.0, "bytes": float(dest.stat().st_size), "cached": 1.0}
+        start = time.monotonic()
+        tmp.mkdir()
+        with _errors_named("", dest):
+            if source.url:
+                nbytes = downloads.fetch_file(source.url, tmp / "file", max_bytes)
+            else:
+                nbytes = _hub_file(source, tmp / "file", max_bytes, suffix)
+            os.replace(tmp / "file", dest)
+    return {"download_s": time.monotonic() - start, "bytes": float(nbytes), "cached": 0.0}
+
+
+@contextmanager
+def _locked(dest: Path) -> Iterator[Path]:
+    """Hold ``dest``'s file lock; yield a fresh temporary sibling path, removed afterwards whatever happens."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(f"{dest}.lock")
     try:
@@ -68,24 +146,36 @@ def download_weights(url: str, dest: str | Path) -> dict[str, float]:
     except Timeout:
         log.info("Waiting for another process to finish %s", dest)
         lock.acquire()
+    prefix = f".{dest.name}.tmp-"
+    tmp = dest.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        prefix = f".{dest.name}.tmp-"
         for stale in dest.parent.iterdir():
             if stale.name.startswith(prefix):
-                log.warning("Removing stale temporary directory %s", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-        marker = _read_marker(dest)
-        if marker.get("url") == url:
-            log.info("Weights for %s already in %s", url, dest)
-            return {"download_s": 0.0, "bytes": float(marker.get("bytes", 0)), "mb_per_s": 0.0, "cached": 1.0}
-        if dest.is_symlink() or dest.is_file():
-            dest.unlink()
-        elif dest.exists():
-            log.warning("Removing incomplete or outdated %s", dest)
-            shutil.rmtree(dest)
-        return _install(url, dest)
+                log.warning("Removing stale temporary download %s", stale)
+                _remove(stale)
+        yield tmp
     finally:
+        _remove(tmp)
         lock.release()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _errors_named(context: str, dest: Path) -> Iterator[None]:
+    """Turn download and disk errors into one WeightsError sentence: ``context: detail.``"""
+    try:
+        yield
+    except (DownloadError, WeightsError) as exc:
+        raise WeightsError(f"{context}: {exc}." if context else str(exc)) from exc
+    except OSError as exc:
+        cause = f"disk full while writing into {dest.parent}" if exc.errno == errno.ENOSPC else str(exc)
+        raise WeightsError(f"{context}: {cause}." if context else cause) from exc
 
 
 def _read_marker(dest: Path) -> dict:
@@ -96,42 +186,236 @@ def _read_marker(dest: Path) -> dict:
     return marker if isinstance(marker, dict) and (dest / "model_index.json").is_file() else {}
 
 
-def _install(url: str, dest: Path) -> dict[str, float]:
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    start = time.monotonic()
-    try:
-        received = _fetch_pget(url, tmp) if shutil.which("pget") else _fetch_httpx(url, tmp)
-        root = _layout_root(url, tmp)
-        files, size = _validate(url, root)
-        nbytes = received if received is not None else size
-        info = {"url": url, "bytes": nbytes, "files": files, "completed_at": time.time()}
-        (root / MARKER).write_text(json.dumps(info))
-        os.replace(root, dest)
-    except OSError as exc:
-        cause = "disk full" if exc.errno == errno.ENOSPC else str(exc)
-        raise WeightsError(f"Cannot install weights from {url} into {dest}: {cause}.") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.monotonic() - start
-    rate = nbytes / 1e6 / seconds if seconds > 0 else 0.0
-    log.info(
-        "Installed %s into %s: %.1f MB, %d files in %.1f s (%.1f MB/s)", url, dest, nbytes / 1e6, files, seconds, rate
-    )
-    return {"download_s": seconds, "bytes": float(nbytes), "mb_per_s": rate, "cached": 0.0}
+def _replace(dest: Path, root: Path, info: dict[str, Any]) -> None:
+    """Mark ``root`` complete and move it to ``dest``, replacing whatever incomplete or outdated folder was there."""
+    (root / MARKER).write_text(json.dumps(info))
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        log.warning("Removing incomplete or outdated %s", dest)
+        shutil.rmtree(dest)
+    os.replace(root, dest)
 
 
-def _layout_root(url: str, tmp: Path) -> Path:
-    """Return the folder holding model_index.json: ``tmp`` or its single top-level directory."""
+def _layout_root(tmp: Path) -> Path:
+    """The folder holding model_index.json: ``tmp`` or its single top-level directory."""
     entries = list(tmp.iterdir()) if tmp.is_dir() else []
-    root = tmp
     if len(entries) == 1 and not entries[0].is_symlink() and (entries[0] / "model_index.json").is_file():
-        root = entries[0]
-    if not (root / "model_index.json").is_file():
-        raise WeightsError(f"Weights archive {url} is not a diffusers folder: model_index.json missing.")
-    return root
+        return entries[0]
+    return tmp
 
 
-def _validate(url: str, root: Path) -> tuple[int, int]:
+# --- the hub ----------------------------------------------------------------------------------------------------------
+
+
+def _hub_snapshot(source: Source, tmp: Path) -> str:
+    """Download model_index.json and the pipeline's component folders of a hub repo into ``tmp``; return the commit.
+
+    Pinned to the commit the revision names when the download starts, so a branch moving meanwhile cannot mix two
+    versions. Every file of those folders that the repo lists must arrive (huggingface_hub can return without some).
+    """
+    api = _hub_api()
+    info = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision))
+    listed = {sibling.rfilename for sibling in info.siblings or []}
+    if "model_index.json" not in listed:
+        raise WeightsError(f"not a diffusers pipeline: {source.repo} has no model_index.json")
+    _hub_call(source, lambda: api.hf_hub_download(source.repo, "model_index.json", revision=info.sha, local_dir=tmp))
+    folders = list(_components(tmp))
+    wanted = sorted(name for name in listed if name == "model_index.json" or name.split("/")[0] in folders)
+    log.info("Downloading %s at %s: model_index.json and %s (%d files)", source.repo, info.sha, ", ".join(folders),
+             len(wanted))  # fmt: skip
+
+    def download() -> None:
+        api.snapshot_download(
+            source.repo, revision=info.sha, allow_patterns=["model_index.json", *(f"{f}/*" for f in folders)],
+            local_dir=tmp, cache_dir=tmp / ".cache" / "hub", max_workers=HUB_WORKERS,
+        )  # fmt: skip
+        missing = [name for name in wanted if not (tmp / name).is_file()]
+        if missing:
+            raise _Incomplete(f"{len(missing)} of {len(wanted)} files did not arrive (e.g. {missing[0]})")
+
+    _hub_call(source, download)
+    shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+    return info.sha
+
+
+def _hub_file(source: Source, dest: Path, max_bytes: int, suffix: str) -> int:
+    """Download one file of a hub repo (``source.path``, or the repo's only ``*suffix`` file) to ``dest``."""
+    api = _hub_api()
+    info = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision, files_metadata=True))
+    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+    name = source.path
+    if name is None:
+        candidates = sorted(f for f in sizes if f.endswith(suffix))
+        if len(candidates) != 1:
+            found = ", ".join(candidates) if candidates else "none"
+            raise WeightsError(f"{source.repo} must hold exactly one {suffix} file, or the URL must name one "
+                               f"(found: {found})")  # fmt: skip
+        name = candidates[0]
+    if name not in sizes:
+        raise WeightsError(f"{source.repo} has no file {name}")
+    if sizes[name] > max_bytes:
+        raise WeightsError(f"{name} is {sizes[name]:,} bytes, over the limit of {max_bytes:,}")
+    local = _hub_call(source, lambda: api.hf_hub_download(
+        source.repo, name, revision=info.sha, local_dir=dest.parent, cache_dir=dest.parent / ".cache" / "hub"
+    ))  # fmt: skip
+    os.replace(local, dest)
+    return dest.stat().st_size
+
+
+def hub_base_model(source: Source) -> str | None:
+    """The base model a hub repo's model card names (``base_model:``), if any."""
+    api = _hub_api()
+    card = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision)).card_data or {}
+    base = card.get("base_model")
+    return base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None
+
+
+def _hub_api() -> Any:
+    """huggingface_hub's client, with HF_ENDPOINT and HF_TOKEN as they are now (huggingface_hub reads its
+    defaults once, at import)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
+
+
+class _Incomplete(Exception):
+    """A snapshot download returned without all of its files: worth another attempt."""
+
+
+def _hub_call(source: Source, call: Callable[[], Any]) -> Any:
+    """Run a huggingface_hub call, retrying transient failures (5xx, 429, dropped connections, files that did not
+    arrive: each attempt keeps the files already complete); turn its errors into one WeightsError fragment."""
+    import httpx2
+    from huggingface_hub import errors
+
+    token = "HF_TOKEN gives no access to it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except errors.GatedRepoError:
+            raise WeightsError(f"{source.repo} is gated ({token}): accept its terms on huggingface.co and set "
+                               "HF_TOKEN to a token of that account") from None  # fmt: skip
+        except errors.RepositoryNotFoundError:
+            raise WeightsError(f"repository {source.repo} not found ({token}; a private repo needs one)") from None
+        except errors.RevisionNotFoundError:
+            raise WeightsError(f"revision {source.revision!r} not found in {source.repo}") from None
+        except errors.RemoteEntryNotFoundError as exc:
+            raise WeightsError(f"a file is missing from {source.repo} ({exc})") from None
+        except errors.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if 400 <= status < 500 and status not in (408, 429):
+                raise WeightsError(f"the hub answered HTTP {status} for {source.repo}") from None
+            failure: Exception = exc
+        except OSError as exc:  # also huggingface_hub's LocalEntryNotFoundError: it could not reach the hub
+            if exc.errno == errno.ENOSPC:
+                raise
+            failure = exc
+        except (httpx2.TransportError, _Incomplete) as exc:
+            failure = exc
+        cause = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+        if attempt >= RETRIES:
+            raise WeightsError(f"{cause} (gave up after {attempt} attempts)")
+        delay = HUB_RETRY_BASE_S * 2 ** (attempt - 1)
+        log.warning("Retrying %s in %.1f s after %s", source.text, delay, cause)
+        time.sleep(delay)
+
+
+# --- checking and normalising a diffusers folder --------------------------------------------------------------------
+
+
+def _components(root: Path) -> dict[str, tuple[str | None, str]]:
+    """model_index.json's components: {folder: (library, class)}, without the absent ([null, null]) ones."""
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except FileNotFoundError:
+        raise WeightsError("not a diffusers folder: model_index.json is missing") from None
+    except ValueError as exc:
+        raise WeightsError(f"model_index.json is not valid JSON ({exc})") from None
+    return {
+        name: (entry[0], entry[1])
+        for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[1]
+    }
+
+
+def _check_folder(root: Path) -> tuple[int, int]:
+    """Normalise model_index.json and check every component's files and the tree's safety: (files, bytes)."""
+    components = _components(root)
+    _normalise_index(root, components)
+    for name, (library, cls) in components.items():
+        if not (root / name).is_dir():
+            raise WeightsError(f"the snapshot is incomplete: the folder {name}/ is missing")
+        if missing := _missing_file(root / name, library, cls):
+            raise WeightsError(f"the snapshot is incomplete: {name}/{missing}")
+    return _check_tree(root)
+
+
+def _normalise_index(root: Path, components: dict[str, tuple[str | None, str]]) -> None:
+    """Rewrite entries whose library diffusers cannot import (the hub's zeroscope names `models.unet_3d_condition`,
+    some repos null) to the package that defines the class: diffusers 0.42 refuses them otherwise."""
+    path = root / "model_index.json"
+    index = json.loads(path.read_text())
+    changed = False
+    for name, (library, cls) in components.items():
+        if library and library.isidentifier() and importlib.util.find_spec(library):
+            continue
+        package = _defining_package(cls)
+        if package is None:
+            raise WeightsError(f"model_index.json: {name} is {library}.{cls}, a class neither diffusers nor "
+                               "transformers defines")  # fmt: skip
+        log.info("model_index.json: %s library %r -> %r (defines %s)", name, library, package, cls)
+        index[name][0] = package
+        components[name] = (package, cls)
+        changed = True
+    if changed:
+        path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _defining_package(cls: str) -> str | None:
+    import diffusers
+    import transformers
+
+    for package in (diffusers, transformers):
+        if hasattr(package, cls):
+            return package.__name__
+    return None
+
+
+def _missing_file(folder: Path, library: str | None, cls: str) -> str | None:
+    """What a component folder lacks to load, as "file is missing (why)", or None when complete."""
+    if cls.endswith("Scheduler"):
+        return None if (folder / "scheduler_config.json").is_file() else "scheduler_config.json is missing"
+    if "Tokenizer" in cls:
+        import transformers
+
+        names = dict(getattr(getattr(transformers, cls, None), "vocab_files_names", {}))
+        fast = names.pop("tokenizer_file", "tokenizer.json")
+        files = list(names.values())
+        absent = [f for f in files if not (folder / f).is_file()]
+        if (folder / fast).is_file() or (files and not absent):
+            return None
+        needs = f"{' and '.join(files)}, or {fast}" if files else fast
+        return f"{(absent or [fast])[0]} is missing ({cls} needs {needs})"
+    if cls.endswith(("ImageProcessor", "FeatureExtractor")):
+        return None if (folder / "preprocessor_config.json").is_file() else "preprocessor_config.json is missing"
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    for weights in _WEIGHT_FILES.get(library or "", ()):
+        if (folder / weights).is_file():
+            return None
+        index = folder / f"{weights}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            absent = [s for s in shards if not (folder / s).is_file()]
+            return f"{absent[0]} is missing (named in {index.name})" if absent or not shards else None
+    expected = " or ".join(_WEIGHT_FILES.get(library or "", ("weights",)))
+    return f"its weights are missing ({expected}, or a sharded index)"
+
+
+def _check_tree(root: Path) -> tuple[int, int]:
     """Reject links leaving ``root`` and special files; return (regular files, their bytes)."""
     real_root = root.resolve()
     files = size = 0
@@ -143,256 +427,18 @@ def _validate(url: str, root: Path) -> tuple[int, int]:
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
                 if not path.resolve().is_relative_to(real_root):
-                    raise _unsafe(url, "symlink pointing outside the archive", path.relative_to(root))
+                    raise _unsafe("symlink pointing outside the archive", path.relative_to(root))
             elif stat.S_ISREG(st.st_mode):
                 files, size = files + 1, size + st.st_size
                 if st.st_nlink > 1:
                     seen[st.st_ino] += 1
                     nlinks[st.st_ino] = st.st_nlink
             elif not stat.S_ISDIR(st.st_mode):
-                raise _unsafe(url, "device, fifo or socket", path.relative_to(root))
+                raise _unsafe("device, fifo or socket", path.relative_to(root))
     if any(seen[ino] < nlinks[ino] for ino in seen):
-        raise _unsafe(url, "hard link to a file outside the archive", root)
+        raise _unsafe("hard link to a file outside the archive", root.name)
     return files, size
 
 
-def _unsafe(url: str, problem: str, name: object) -> WeightsError:
-    return WeightsError(f"Weights archive {url} is unsafe: {problem} ({str(name)!r}).")
-
-
-def _fetch_pget(url: str, tmp: Path) -> None:
-    cmd = ["pget"]
-    if concurrency := os.environ.get("WEIGHTS_CONCURRENCY"):
-        cmd += ["-c", concurrency]
-    if chunk_size := os.environ.get("WEIGHTS_CHUNK_SIZE"):
-        cmd += ["-m", chunk_size]
-    cmd += ["-x", url, str(tmp)]
-    log.info("Downloading %s with pget into %s", url, tmp)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise WeightsError(f"Cannot download weights from {url}: pget failed ({detail}).")
-
-
-def _fetch_httpx(url: str, tmp: Path) -> int:
-    """Stream the tar at ``url`` into ``tmp``; return the number of bytes received."""
-    concurrency = int(os.environ.get("WEIGHTS_CONCURRENCY") or DEFAULT_CONCURRENCY)
-    chunk_size = _parse_size(os.environ.get("WEIGHTS_CHUNK_SIZE") or DEFAULT_CHUNK_SIZE)
-    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
-    headers = {"Accept-Encoding": "identity"}
-    with (
-        httpx.Client(timeout=_TIMEOUT, limits=limits, headers=headers, follow_redirects=True) as client,
-        ThreadPoolExecutor(concurrency, thread_name_prefix="weights") as pool,
-    ):
-        size, ranged = _probe(client, url)
-        log.info("Downloading %s (%s bytes, ranges: %s) into %s", url, size, ranged, tmp)
-        stop = threading.Event()
-        chunks: Generator[bytes | bytearray, None, None]
-        if ranged and size:
-            chunks = _parallel(client, url, size, chunk_size, concurrency, pool, stop)
-        else:
-            chunks = _get(client, url, 0, size, ranged=False)
-        reader = _Reader(url, chunks, size)
-        try:
-            _extract(url, reader, tmp)
-            while reader.read(1 << 20):  # trailing padding after the end-of-archive block
-                pass
-        finally:
-            stop.set()
-            chunks.close()
-            pool.shutdown(cancel_futures=True)
-    if size is not None and reader.received != size:
-        raise WeightsError(f"Weights archive {url} is truncated: received {reader.received} of {size} bytes.")
-    return reader.received
-
-
-def _parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
-    unit = _UNITS.get(text[-1:], 1)
-    return int(text[:-1] if unit > 1 else text) * unit
-
-
-def _probe(client: httpx.Client, url: str) -> tuple[int | None, bool]:
-    """Return (body size if known, whether byte ranges are served)."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as response:
-                if response.status_code == 206:
-                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                    return (int(total), True) if total.isdigit() else (None, False)
-                _check_status(url, response, 200)
-                length = response.headers.get("Content-Length", "")
-                return (int(length) if length.isdigit() else None), False
-        except (httpx.TransportError, _Retryable) as exc:
-            _backoff(url, attempt, exc)
-
-
-def _parallel(
-    client: httpx.Client,
-    url: str,
-    size: int,
-    chunk_size: int,
-    concurrency: int,
-    pool: ThreadPoolExecutor,
-    stop: threading.Event,
-) -> Generator[bytearray, None, None]:
-    """Yield the body in order, fetching at most ``concurrency`` ranges ahead of the reader."""
-    starts = iter(range(0, size, chunk_size))
-    window: deque[Future[bytearray]] = deque()
-
-    def submit() -> None:
-        start = next(starts, None)
-        if start is not None:
-            length = min(chunk_size, size - start)
-            window.append(pool.submit(_fetch_range, client, url, start, length, stop))
-
-    for _ in range(concurrency):
-        submit()
-    while window:
-        data = window.popleft().result()
-        submit()
-        yield data
-
-
-def _fetch_range(client: httpx.Client, url: str, start: int, length: int, stop: threading.Event) -> bytearray:
-    buf = bytearray(length)  # preallocated: appending would reallocate and copy over and over
-    view, pos = memoryview(buf), 0
-    for piece in _get(client, url, start, length, ranged=True):
-        if stop.is_set():
-            break
-        if pos + len(piece) > length:
-            raise WeightsError(f"Cannot download weights from {url}: server sent more than the requested range.")
-        view[pos : pos + len(piece)] = piece
-        pos += len(piece)
-    return buf
-
-
-def _get(
-    client: httpx.Client, url: str, start: int, length: int | None, *, ranged: bool
-) -> Generator[bytes, None, None]:
-    """Yield ``length`` body bytes from ``start``, retrying and resuming after transient errors.
-
-    With ranges a retry asks for the rest only; without, the body is re-requested and the
-    bytes already yielded are skipped.
-    """
-    got = attempt = 0
-    while True:
-        attempt += 1
-        end = "" if length is None else start + length - 1
-        headers = {"Range": f"bytes={start + got}-{end}"} if ranged else {}
-        skip = 0 if ranged else got
-        try:
-            with client.stream("GET", url, headers=headers) as response:
-                _check_status(url, response, 206 if ranged else 200)
-                for piece in response.iter_raw():
-                    if skip:
-                        dropped = min(skip, len(piece))
-                        skip, piece = skip - dropped, piece[dropped:]
-                    if piece:
-                        got += len(piece)
-                        yield piece
-            if length is None or got == length:
-                return
-            raise _Retryable(f"short body, {got} of {length} bytes")
-        except (httpx.TransportError, _Retryable) as exc:
-            _backoff(url, attempt, exc)
-
-
-def _check_status(url: str, response: httpx.Response, expected: int) -> None:
-    status = response.status_code
-    if status == expected:
-        return
-    if status >= 500 or status == 429:
-        raise _Retryable(f"HTTP {status}")
-    unexpected = f", expected {expected}" if status < 400 else ""
-    raise WeightsError(f"Cannot download weights from {url}: HTTP {status} {response.reason_phrase}{unexpected}.")
-
-
-def _backoff(url: str, attempt: int, exc: Exception) -> None:
-    cause = str(exc) if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
-    if attempt >= RETRIES:
-        raise WeightsError(f"Cannot download weights from {url}: {cause} (gave up after {attempt} attempts).") from exc
-    delay = RETRY_BASE_S * 2 ** (attempt - 1)
-    log.warning("Retrying %s in %.1f s after %s", url, delay, cause)
-    time.sleep(delay)
-
-
-class _Reader:
-    """Minimal file object over ordered byte chunks, as read by tarfile's stream mode."""
-
-    def __init__(self, url: str, chunks: Iterator[bytes | bytearray], size: int | None) -> None:
-        self._url, self._chunks, self._size = url, chunks, size
-        self._view, self._pos = memoryview(b""), 0
-        self.received = 0
-        self._start = self._logged = time.monotonic()
-
-    def read(self, size: int = -1) -> bytes:
-        while self._pos >= len(self._view):
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return b""
-            self._view, self._pos = memoryview(chunk), 0
-            self._progress(len(chunk))
-        end = len(self._view) if size < 0 else self._pos + size
-        data = self._view[self._pos : end].tobytes()
-        self._pos += len(data)
-        return data
-
-    def _progress(self, n: int) -> None:
-        self.received += n
-        now = time.monotonic()
-        if now - self._logged >= PROGRESS_EVERY_S:
-            self._logged, elapsed = now, now - self._start
-            total = f" of {self._size / 1e6:.0f}" if self._size else ""
-            mb = self.received / 1e6
-            log.info("Downloading %s: %.0f%s MB in %.0f s (%.1f MB/s)", self._url, mb, total, elapsed, mb / elapsed)
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """Treats a stream ending without an end-of-archive block as truncated (tarfile accepts it)."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exc:
-            raise tarfile.ReadError("unexpected end of archive") from exc
-
-
-def _extract(url: str, fileobj: _Reader, tmp: Path) -> None:
-    tmp.mkdir()
-    try:
-        with tarfile.open(
-            fileobj=fileobj,  # type: ignore[arg-type]
-            mode="r|",
-            bufsize=1 << 20,
-            tarinfo=_StrictTarInfo,
-            copybufsize=1 << 20,
-        ) as tar:
-            tar.extractall(tmp, members=_checked(url, tar), filter="data")
-    except tarfile.FilterError as exc:
-        raise _unsafe(url, type(exc).__name__, exc.tarinfo.name) from exc
-    except tarfile.TarError as exc:
-        raise WeightsError(f"Weights archive {url} is truncated or corrupt: {exc}.") from exc
-
-
-def _checked(url: str, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    for member in tar:
-        name, link = member.name, member.linkname
-        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-            raise _unsafe(url, "device, fifo or other special file", name)
-        if name.startswith("/") or ".." in PurePosixPath(name).parts:
-            raise _unsafe(url, "absolute path or '..' in member name", name)
-        if member.issym() and _escapes(posixpath.join(posixpath.dirname(name), link)):
-            raise _unsafe(url, f"symlink to {link!r} pointing outside the archive", name)
-        if member.islnk() and _escapes(link):
-            raise _unsafe(url, f"hard link to {link!r} pointing outside the archive", name)
-        yield member
-
-
-def _escapes(path: str) -> bool:
-    norm = posixpath.normpath(path)
-    return norm.startswith("/") or norm == ".." or norm.startswith("../")
+def _unsafe(problem: str, name: object) -> WeightsError:
+    return WeightsError(f"the archive is unsafe: {problem} ({str(name)!r})")

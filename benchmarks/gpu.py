@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import tiny_weights  # noqa: E402
 import weights  # noqa: E402
 from media import write_mp4  # noqa: E402
-from serving import denoiser, place_pipeline, speed_up  # noqa: E402
+from pipelines import denoiser, place_pipeline, speed_up  # noqa: E402
 
 START = time.perf_counter()
 SEED = 42

@@ -1,13 +1,18 @@
-"""Fixtures: tiny offline weights served from 127.0.0.1, in-process predictors, and the real Cog server."""
+"""Fixtures: tiny offline weights served from 127.0.0.1 (as tars and as hub repos), in-process predictors, and the
+real Cog server."""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # read when huggingface_hub is imported: no extra requests
 
 import base64
 import functools
 import http.server
 import importlib
 import json
-import os
+import shutil
 import subprocess
 import threading
 import time
@@ -20,9 +25,10 @@ import numpy as np
 import pytest
 
 import tiny_weights
+from fake_hub import FakeHub
 from harness import CogServer, serve_directory
 
-MODULES = {"i2v": "predict_i2v", "v2v": "predict_v2v"}
+MODULES = {"i2v": "predict_i2v", "i2v15": "predict_i2v15", "v2v": "predict_v2v"}
 
 
 @pytest.fixture(scope="session")
@@ -39,26 +45,46 @@ def weights_server(served_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def weights_urls(weights_server: str, served_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Tiny random models of both real architectures, built offline, tarred and served: {model: url}."""
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random models of the real architectures in the hub repos' layouts, built offline: {model: folder}."""
     builds = {
         "i2v": tiny_weights.build_i2v,
+        "i2v15": tiny_weights.build_i2v15,
         "v2v": tiny_weights.build_v2v,
         "i2v-480p": functools.partial(tiny_weights.build_i2v, sample_height=60, sample_width=90),
     }
-    urls = {}
-    for model, build in builds.items():
-        folder = build(tmp_path_factory.mktemp(f"tiny-{model}"))
+    return {model: build(tmp_path_factory.mktemp(f"tiny-{model}")) for model, build in builds.items()}
+
+
+@pytest.fixture(scope="session")
+def weights_urls(weights_server: str, served_dir: Path, tiny_folders: dict[str, Path]) -> dict[str, str]:
+    """The tiny models tarred and served from 127.0.0.1: {model: url}."""
+    for model, folder in tiny_folders.items():
         tiny_weights.make_tar(folder, served_dir / f"{model}.tar")
-        urls[model] = f"{weights_server}/{model}.tar"
-    return urls
+    return {model: f"{weights_server}/{model}.tar" for model in tiny_folders}
+
+
+HUB_REPOS = {"i2v": "THUDM/CogVideoX-5b-I2V", "i2v15": "THUDM/CogVideoX1.5-5B-I2V", "v2v": "cerspense/zeroscope_v2_XL"}
+
+
+@pytest.fixture(scope="session")
+def hub(tiny_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """A stand-in of the Hugging Face hub on 127.0.0.1 serving the tiny models under the real repo names, each with
+    a model card as the hub repos have one. Point HF_ENDPOINT at `hub.url`."""
+    with FakeHub() as fake:
+        for model, repo in HUB_REPOS.items():
+            folder = tmp_path_factory.mktemp(f"hub-{model}")
+            shutil.copytree(tiny_folders[model], folder, dirs_exist_ok=True)
+            (folder / "README.md").write_text(f"---\nlicense: other\nlibrary_name: diffusers\n---\n# {repo}\n")
+            fake.add_repo(repo, folder)
+        yield fake
 
 
 def load_predictor(model: str, url: str, cache: Path) -> Any:
     """Run the real setup() of a predictor in this process against the given weights URL and cache."""
     module = importlib.import_module(MODULES[model])
     os.environ["WEIGHTS_CACHE_DIR"] = str(cache)
-    module.WEIGHTS_URL = url
+    os.environ[module.CHECKPOINT.variable] = url
     predictor = module.Predictor()
     predictor.setup()
     return predictor

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
+import importlib
 import mimetypes
 import os
 import socket
@@ -21,7 +22,6 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-URL_VARIABLES = {"predict_i2v": "COGVIDEOX_I2V_WEIGHTS_URL", "predict_v2v": "ZEROSCOPE_XL_WEIGHTS_URL"}
 
 
 def serve_directory(directory: Path) -> http.server.ThreadingHTTPServer:
@@ -58,7 +58,7 @@ class CogServer:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "PORT": str(self.port),
             "COG_PREDICT_TYPE_STUB": f"{module}.py:Predictor",
-            URL_VARIABLES[module]: weights_url,
+            importlib.import_module(module).CHECKPOINT.variable: weights_url,
             "WEIGHTS_CACHE_DIR": str(cache),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),

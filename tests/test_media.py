@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import ffmpeg, gradient_frames, read_mp4, rotate_video, write_video
+from inputs import InputError
 from media import fit_image, load_image, read_video, write_mp4
-from serving import InputError
 
 
 def save(img: Image.Image, path: Path, **kwargs: object) -> Path:

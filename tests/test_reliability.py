@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import http.server
-import json
 import shutil
 import threading
 import time
@@ -20,7 +19,6 @@ from typing import Any
 import bad_inputs
 import faulty_predictors
 import numpy as np
-import openapi_schema
 import psutil
 import pytest
 import torch
@@ -298,13 +296,11 @@ def test_mixed_traffic_keeps_disk_and_memory_bounded(reliable: Any) -> None:
 
 @pytest.fixture(scope="module")
 def schema_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    """The i2v server run from a folder holding the `.cog/openapi_schema.json` that `cog build` would write."""
-    import predict_i2v
-
+    """The i2v server run from a folder holding the `.cog/openapi_schema.json` that `cog build` writes (the golden
+    one in tests/schemas/, made by Cog's own parser)."""
     base = tmp_path_factory.mktemp("schema-server")
     (base / ".cog").mkdir()
-    schema = openapi_schema.input_schema(predict_i2v.Predictor.run)
-    (base / ".cog" / "openapi_schema.json").write_text(json.dumps(schema))
+    shutil.copy(ROOT / "tests" / "schemas" / "predict_i2v.json", base / ".cog" / "openapi_schema.json")
     env = {"COG_PREDICT_TYPE_STUB": str(ROOT / "predict_i2v.py") + ":Predictor", "PYTHONPATH": str(ROOT)}
     server = CogServer("predict_i2v", weights_urls["i2v"], base / "cache", base / "server.log", env=env, cwd=base)
     server.wait_ready()

@@ -1,28 +1,44 @@
-"""The predictors' inputs as `cog build` sees them: its schema generator reads the source statically.
+"""The predictors' inputs as `cog build` sees them.
 
-Cog 0.23 builds the OpenAPI schema with a static parser (tree-sitter), not by importing the code. It only resolves
-Input() calls written in the predictor's own file, with literal arguments (or module-level literal lists): an Input
-imported from another module, `list(SOME_DICT)` or `2**32 - 1` fail the build or silently drop the constraint, and an
-implicitly concatenated description comes out garbled. Hence the inputs both models take are written out in each
-predictor, and checked here to be identical.
+Cog 0.23 builds the OpenAPI schema with a static parser (tree-sitter), not by importing the code: it resolves only
+Input() calls written in the predictor's own file, with literal arguments; a module-level name works in choices=,
+default= and description= only (in ge=/le= it is silently dropped). tests/schemas/ holds what that parser produced
+for each predictor (script/schemas regenerates them); the Cog server tests run with them as .cog/openapi_schema.json.
+Here: every Input() is statically readable, the golden schemas still say what the Input() declarations say, and
+the inputs the models share are declared identically.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import io
+import json
 import tokenize
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-import predict_i2v
-import predict_v2v
+from cog.input import FieldInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-PREDICTORS = ["predict_i2v.py", "predict_v2v.py"]
-SHARED = ["prompt", "negative_prompt", "sizing_strategy", "seed"]
+PREDICTORS = ["predict_i2v", "predict_i2v15", "predict_v2v"]
+SHARED = {  # inputs declared in several predictors, which must be identical there
+    "prompt": PREDICTORS,
+    "negative_prompt": PREDICTORS,
+    "sizing_strategy": PREDICTORS,
+    "seed": PREDICTORS,
+    "num_inference_steps": ["predict_i2v", "predict_i2v15"],
+    "guidance_scale": ["predict_i2v", "predict_i2v15"],
+    "use_dynamic_cfg": ["predict_i2v", "predict_i2v15"],
+    "scheduler": ["predict_i2v", "predict_i2v15"],
+    "lora_url": ["predict_i2v", "predict_i2v15"],
+    "lora_scale": ["predict_i2v", "predict_i2v15"],
+}
+NAME_ALLOWED_IN = {"choices", "default", "description"}  # where cog's parser resolves a module-level name
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 def run_parameters(path: Path) -> tuple[ast.Module, list[ast.arg], list[ast.expr | None]]:
@@ -47,41 +63,86 @@ def module_literals(module: ast.Module) -> set[str]:
     return names
 
 
-def is_static(value: ast.expr, literals: set[str]) -> bool:
-    if isinstance(value, ast.Name):
-        return value.id in literals
-    try:
-        ast.literal_eval(value)
-        return True
-    except ValueError:
-        return False
-
-
-@pytest.mark.parametrize("filename", PREDICTORS)
-def test_every_input_is_readable_by_the_static_schema_parser(filename: str) -> None:
-    path = ROOT / filename
+@pytest.mark.parametrize("module", PREDICTORS)
+def test_every_input_is_readable_by_the_static_schema_parser(module: str) -> None:
+    path = ROOT / f"{module}.py"
     source = path.read_text()
-    module, args, defaults = run_parameters(path)
-    literals = module_literals(module)
+    tree, args, defaults = run_parameters(path)
+    literals = module_literals(tree)
     for arg, default in zip(args, defaults, strict=True):
         assert arg.annotation is not None, f"{arg.arg} has no type annotation"
         assert isinstance(default, ast.Call) and getattr(default.func, "id", None) == "Input", (
-            f"{arg.arg}: the default must be an Input(...) call written in {filename}"
+            f"{arg.arg}: the default must be an Input(...) call written in {module}.py"
         )
         for keyword in default.keywords:
-            assert is_static(keyword.value, literals), f"{arg.arg}: {keyword.arg}= is not a literal"
+            value = keyword.value
+            if isinstance(value, ast.Name):
+                assert keyword.arg in NAME_ALLOWED_IN, f"{arg.arg}: cog build drops a name in {keyword.arg}="
+                assert value.id in literals, f"{arg.arg}: {value.id} is not a module-level literal"
+            else:
+                ast.literal_eval(value)  # raises for anything but a literal
             if keyword.arg == "description":
-                segment = ast.get_source_segment(source, keyword.value) or ""
+                segment = ast.get_source_segment(source, value) or ""
                 strings = [t for t in tokenize.generate_tokens(io.StringIO(segment).readline) if t.type == 3]
-                assert len(strings) == 1, f"{arg.arg}: description must be one string literal, not concatenated"
+                assert len(strings) <= 1, f"{arg.arg}: description must be one string literal, not concatenated"
 
 
-def signature_defaults(run: object) -> dict[str, object]:
-    parameters = inspect.signature(inspect.unwrap(run)).parameters  # type: ignore[arg-type]
-    return {name: (p.annotation, p.default) for name, p in parameters.items()}
+def declared(module: str) -> dict[str, tuple[Any, FieldInfo]]:
+    run = importlib.import_module(module).Predictor.run
+    hints = typing.get_type_hints(inspect.unwrap(run))
+    parameters = list(inspect.signature(inspect.unwrap(run)).parameters.values())[1:]
+    return {p.name: (hints[p.name], p.default) for p in parameters}
+
+
+def expected_property(hint: Any, field: FieldInfo, order: int) -> dict[str, Any]:
+    """What the golden schema must say of one input, from its annotation and Input() declaration."""
+    nullable = type(None) in typing.get_args(hint)
+    base = next(t for t in typing.get_args(hint) if t is not type(None)) if nullable else hint
+    prop: dict[str, Any] = {"x-order": order, "description": field.description}
+    prop["type"] = "string" if base.__name__ == "Path" else JSON_TYPES[base]
+    if nullable:
+        prop["nullable"] = True
+    if field.choices is not None:
+        prop["enum"] = field.choices
+    if field.ge is not None:
+        prop["minimum"] = field.ge
+    if field.le is not None:
+        prop["maximum"] = field.le
+    if field.default is not None or nullable:
+        prop["default"] = field.default
+    return prop
+
+
+def golden_property(schema: dict, name: str) -> dict[str, Any]:
+    schemas = schema["components"]["schemas"]
+    prop = dict(schemas["Input"]["properties"][name])
+    keys = ["x-order", "description", "type", "nullable", "minimum", "maximum", "default"]
+    if "allOf" in prop:  # choices: an enum schema of their own
+        enum = schemas[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]
+        prop.update(type=enum["type"], enum=enum["enum"])
+        keys.append("enum")
+    return {key: prop[key] for key in keys if key in prop}
+
+
+@pytest.mark.parametrize("module", PREDICTORS)
+def test_golden_schema_matches_the_inputs(module: str) -> None:
+    """Fails when an Input() changed and tests/schemas/ was not regenerated with script/schemas."""
+    schema = json.loads((ROOT / "tests" / "schemas" / f"{module}.json").read_text())
+    inputs = declared(module)
+    golden = schema["components"]["schemas"]["Input"]
+    assert list(golden["properties"]) == list(inputs), "inputs added, removed or reordered: run script/schemas"
+    for order, (name, (hint, field)) in enumerate(inputs.items()):
+        assert golden_property(schema, name) == expected_property(hint, field, order), f"{name}: run script/schemas"
+    required = [name for name, (hint, field) in inputs.items() if field.default is None and hint is not type(None)]
+    required = [name for name in required if type(None) not in typing.get_args(inputs[name][0])]
+    assert sorted(golden.get("required", [])) == sorted(required)
+    assert schema["components"]["schemas"]["Output"] == {"format": "uri", "title": "Output", "type": "string"}
 
 
 @pytest.mark.parametrize("name", SHARED)
-def test_inputs_both_models_take_are_declared_identically(name: str) -> None:
-    i2v, v2v = signature_defaults(predict_i2v.Predictor.run), signature_defaults(predict_v2v.Predictor.run)
-    assert i2v[name] == v2v[name]
+def test_inputs_models_share_are_declared_identically(name: str) -> None:
+    declarations = {module: declared(module)[name] for module in SHARED[name]}
+    first = next(iter(declarations.values()))
+    for module, (hint, field) in declarations.items():
+        assert hint == first[0], module
+        assert vars(field) == vars(first[1]), module

@@ -1,4 +1,4 @@
-"""Tests for weights.download_weights against a local HTTP server with fault injection."""
+"""The weights cache from a tar URL (weights.fetch_weights over downloads.py), against a local server with faults."""
 
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 
+import downloads
 import weights
-from weights import MARKER, WeightsError, download_weights
+from weights import MARKER, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 REAL_WHICH = shutil.which
 BIG = bytes(range(256)) * 2048  # 512 KiB, several 64 KiB chunks
 FILES = {
-    "model_index.json": b'{"_class_name": "CogVideoXImageToVideoPipeline"}',
+    "model_index.json": b'{"_class_name": "VideoToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]}',
     "unet/config.json": b'{"in_channels": 16}',
     "unet/diffusion_pytorch_model.safetensors": BIG,
 }
@@ -132,8 +133,12 @@ def server() -> Iterator[Server]:
 def _config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEIGHTS_CHUNK_SIZE", "64K")
     monkeypatch.setenv("WEIGHTS_CONCURRENCY", "4")
-    monkeypatch.setattr(weights, "RETRY_BASE_S", 0.01)
-    monkeypatch.setattr(weights.shutil, "which", lambda cmd, *a, **k: None)  # no pget
+    monkeypatch.setattr(downloads, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(downloads.shutil, "which", lambda cmd, *a, **k: None)  # no pget
+
+
+def download_weights(url: str, dest: Path | str) -> dict[str, float]:
+    return weights.fetch_weights(url, Path(dest), "TEST_WEIGHTS_URL")
 
 
 def make_tar(
@@ -165,7 +170,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def assert_installed(dest: Path, url: str) -> None:
     marker = json.loads((dest / MARKER).read_text())
-    assert marker["url"] == url and marker["files"] == len(FILES)
+    assert marker["source"] == url and marker["files"] == len(FILES)
     assert {k: v for k, v in tree(dest).items() if k != MARKER} == FILES
     assert not [p for p in dest.parent.iterdir() if ".tmp-" in p.name]
 
@@ -243,7 +248,7 @@ def test_gives_up_after_repeated_server_errors(server: Server, tmp_path: Path) -
     with pytest.raises(WeightsError, match=r"HTTP 503 \(gave up after 5 attempts\)") as exc:
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
-    assert len(server.requests("/w.tar")) == weights.RETRIES
+    assert len(server.requests("/w.tar")) == downloads.RETRIES
 
 
 @pytest.mark.parametrize("status", [404, 403])
@@ -326,7 +331,7 @@ def test_single_top_level_directory_is_normalised(server: Server, tmp_path: Path
 def test_missing_model_index(server: Server, tmp_path: Path) -> None:
     files = {k: v for k, v in FILES.items() if k != "model_index.json"}
     url = serve(server, data=make_tar(files, prefix="top/"))
-    with pytest.raises(WeightsError, match=r"not a diffusers folder: model_index\.json missing") as exc:
+    with pytest.raises(WeightsError, match=r"not a diffusers folder: model_index\.json is missing") as exc:
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
     assert_nothing_installed(tmp_path / "model")
@@ -373,8 +378,8 @@ def test_concurrent_processes_download_once(server: Server, tmp_path: Path) -> N
     dest = tmp_path / "model"
     code = (
         "import logging, shutil, sys; shutil.which = lambda *a, **k: None; "
-        "logging.basicConfig(level=logging.INFO); import weights; "
-        "print(weights.download_weights(sys.argv[1], sys.argv[2])['cached'])"
+        "logging.basicConfig(level=logging.INFO); import weights; from pathlib import Path; "
+        "print(weights.fetch_weights(sys.argv[1], Path(sys.argv[2]), 'TEST_WEIGHTS_URL')['cached'])"
     )
     cmd = [sys.executable, "-c", code, url, str(dest)]
     procs = [
@@ -419,7 +424,7 @@ def fake_pget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script.write_text(FAKE_PGET.format(python=sys.executable))
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(weights.shutil, "which", REAL_WHICH)
+    monkeypatch.setattr(downloads.shutil, "which", REAL_WHICH)
     monkeypatch.setenv("FAKE_PGET_LOG", str(tmp_path / "pget-argv.jsonl"))
     return tmp_path / "pget-argv.jsonl"
 

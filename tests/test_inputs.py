@@ -1,11 +1,12 @@
-"""Input validation (one place for both models), seeds and the output path."""
+"""Input validation (one place for every model), seeds and the output path."""
 
 from __future__ import annotations
 
 import pytest
 from cog import Input, Path
 
-from serving import InputError, output_path, resolve_seed, validate_inputs
+from inputs import InputError, resolve_seed, validate_inputs
+from media import output_path
 
 
 class Runner:

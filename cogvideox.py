@@ -1,0 +1,77 @@
+"""What the CogVideoX image-to-video predictors share: setup, samplers, LoRAs and the pipeline call.
+
+Each predictor (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) subclasses CogVideoXPredictor with its checkpoint and prompt
+length, and writes its own run(): the inputs differ (sizes, frame counts), the generation does not.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from cog import BaseRunner
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from PIL import Image
+
+from lora import Loras
+from pipelines import Checkpoint, load_pipeline
+from reporting import StepLogger, record_metric
+
+SCHEDULERS = {"cogvideox_dpm": CogVideoXDPMScheduler, "cogvideox_ddim": CogVideoXDDIMScheduler}
+
+
+class CogVideoXPredictor(BaseRunner):
+    checkpoint: Checkpoint
+    max_sequence_length: int  # prompt tokens given to the transformer
+
+    def setup(self) -> None:
+        """Fetch the weights if the cache lacks them and load the pipeline, its samplers and the LoRA slots."""
+        self.pipe, self.setup_timings = load_pipeline(self.checkpoint)
+        # As the official CLI: "trailing" timestep spacing (which the hub's scheduler configs also give).
+        self.schedulers = {
+            name: cls.from_config(self.pipe.scheduler.config, timestep_spacing="trailing")
+            for name, cls in SCHEDULERS.items()
+        }
+        self.loras = Loras(self.pipe, self.checkpoint.name)
+
+    def warm_up(self, width: int, height: int, num_frames: int) -> None:
+        """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up."""
+        start = time.perf_counter()
+        self.generate(Image.new("RGB", (width, height)), "", "", width, height, num_frames, 1, 6.0, False,
+                      "cogvideox_dpm", 0)  # fmt: skip
+        self.setup_timings["warmup_s"] = time.perf_counter() - start
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        use_dynamic_cfg: bool,
+        scheduler: str,
+        seed: int,
+    ) -> np.ndarray:
+        """The pipeline call, with the LoRA the prediction asked for (Loras.use): frames (F, H, W, 3) in [0, 1]."""
+        self.pipe.scheduler = self.schedulers[scheduler]
+        frames = self.pipe(
+            image=image,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            max_sequence_length=self.max_sequence_length,
+            output_type="np",
+            callback_on_step_end=StepLogger(num_inference_steps).on_step_end,
+        ).frames[0]
+        record_metric("frames", len(frames))
+        return frames

@@ -1,0 +1,140 @@
+"""Loading a model: its weights into the cache, a diffusers pipeline from them, placed on the GPU and sped up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reporting import configure_logging, logger
+from weights import WeightsError, cache_dir, fetch_weights
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model's weights and how to serve them."""
+
+    name: str  # the model's name, and its folder in the weights cache
+    variable: str  # the environment variable that may point at another source (a tar URL or hf://OWNER/NAME)
+    source: str  # the default source
+    pipeline: Any  # the diffusers pipeline class
+    cuda_dtype: torch.dtype
+    resident_gib: float  # free GPU memory needed to keep the whole pipeline on the GPU (else: CPU offload)
+    vae_tiling: bool = False  # decode in tiles even when resident: frames too large to decode at once
+
+
+def load_pipeline(checkpoint: Checkpoint) -> tuple[Any, dict[str, float]]:
+    """Fetch the weights into the cache if needed, load them offline, place the pipeline and speed up its denoiser.
+
+    On CUDA in the checkpoint's dtype; on the CPU (tests) in float32, where half precision is slow or unsupported.
+    TORCH_COMPILE=1 also compiles the denoiser's blocks (see speed_up). Returns the pipeline and setup's timings.
+    """
+    configure_logging()
+    start = time.perf_counter()
+    source = os.environ.get(checkpoint.variable) or checkpoint.source
+    folder = cache_dir() / checkpoint.name
+    timings = fetch_weights(source, folder, checkpoint.variable)
+    device, dtype = ("cuda", checkpoint.cuda_dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
+    with strict_loading(f"{checkpoint.variable} ({source})"):
+        pipe = checkpoint.pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)  # never the hub
+    place_pipeline(pipe, device, checkpoint.resident_gib, checkpoint.vae_tiling)
+    speed_up(denoiser(pipe), compile_blocks=os.environ.get("TORCH_COMPILE") == "1")
+    pipe.set_progress_bar_config(disable=True)
+    timings["load_s"] = time.perf_counter() - start - timings["download_s"]
+    logger.info("Weights ready in %.1f s, pipeline loaded in %.1f s", timings["download_s"], timings["load_s"])
+    return pipe, timings
+
+
+class _LoadReports(logging.Handler):
+    """Collects what diffusers and transformers log (never raise) about weights they did not load or did not use:
+    diffusers' "...newly initialized: [...]" and "...were not used when initializing ...", transformers 5's
+    "<Model> LOAD REPORT" table of MISSING / UNEXPECTED / MISMATCHED keys."""
+
+    SIGNS = ("newly initialized", "were not used when initializing", "load report")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # transformers colours its report
+        if any(sign in message.lower() for sign in self.SIGNS):
+            self.reports.append(" ".join(message.split()))
+
+
+@contextmanager
+def strict_loading(source: str) -> Iterator[None]:
+    """Fail when a weight was left randomly initialised or a stored one was not used: a mismatched checkpoint
+    would otherwise load without an error and generate noise. Any loading error becomes one WeightsError sentence
+    (.bin pickles load weights-only in diffusers and transformers: one holding code fails here, unexecuted)."""
+    handler = _LoadReports()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for each in loggers:
+        each.addHandler(handler)
+    try:
+        yield
+    except Exception as error:  # OSError, UnpicklingError, ValueError...: setup fails either way, say why in one line
+        detail = " ".join(str(error).split())[:400]
+        raise WeightsError(f"The weights in {source} could not be loaded: {type(error).__name__}: {detail}") from error
+    finally:
+        for each in loggers:
+            each.removeHandler(handler)
+    if handler.reports:
+        report = handler.reports[0]
+        report = report if len(report) <= 400 else report[:400] + " ..."
+        raise WeightsError(f"The weights in {source} do not match the model: {report}")
+
+
+def place_pipeline(pipe: Any, device: str, resident_gib: float, vae_tiling: bool = False) -> str:
+    """Keep the whole pipeline on the GPU when `resident_gib` of memory is free; else offload to the CPU.
+
+    Offloading also decodes in tiles and slices; `vae_tiling` tiles on every placement. Returns the placement
+    chosen ("cpu", "resident" or "offload"), which is also logged.
+    """
+    if device == "cpu":
+        placement = "cpu"
+        pipe.to("cpu")
+    else:
+        free_gib = torch.cuda.mem_get_info()[0] / 2**30
+        if free_gib >= resident_gib:
+            placement = "resident"
+            pipe.to("cuda")
+        else:
+            placement = "offload"
+            pipe.enable_model_cpu_offload()
+            pipe.vae.enable_slicing()
+            vae_tiling = True
+        logger.info("GPU memory free: %.1f GiB (resident needs %.0f GiB)", free_gib, resident_gib)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    logger.info("Pipeline placement: %s%s", placement, ", VAE tiling" if vae_tiling else "")
+    return placement
+
+
+def denoiser(pipe: Any) -> torch.nn.Module:
+    """The model the denoising loop calls: CogVideoX's transformer or zeroscope's UNet3D."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def speed_up(model: Any, compile_blocks: bool = False) -> None:
+    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement. Lossless.
+
+    Fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the pipeline's
+    latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). With `compile_blocks` and CUDA, also compiles each
+    repeated block with torch.compile (diffusers' compile_repeated_blocks rejects both models); off by default:
+    it costs compile time at setup and at each new input shape, and no GPU measurement shows it paying off yet.
+    """
+    model.fuse_qkv_projections()
+    compiled = compile_blocks and torch.cuda.is_available()
+    if compiled:
+        blocks = getattr(model, "transformer_blocks", None) or [*model.down_blocks, model.mid_block, *model.up_blocks]
+        for block in blocks:
+            block.compile()
+    logger.info("Speed-ups: fused QKV projections%s", ", compiled blocks" if compiled else "")
