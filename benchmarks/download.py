@@ -1,19 +1,19 @@
-"""Throughput of weights.py's httpx fallback versus a plain single-stream httpx download.
+"""Weights download throughput, side by side in one run: weights.py from a tar URL (its httpx fallback) and from
+a hub repo (huggingface_hub), against a plain single-stream httpx download of the same bytes.
 
-Builds a tar of random data in a temporary directory, serves it from 127.0.0.1 with Range
-support, then times (median of --runs) download_weights into a fresh dest each run and a
-single-stream httpx download of the same file streamed to disk.
+Builds a diffusers-like folder of random data (sharded transformer files of 64 MiB) in a temporary directory, serves
+it from 127.0.0.1 as a tar with Range support and as a repo of the stand-in hub (tests/fake_hub.py, HF_ENDPOINT),
+then times (median of --runs) fetch_weights into a fresh cache each run, and the single stream of the tar to disk.
 
-    python benchmarks/download.py --size-mb 256 [--conn-limit-mbps 50] [--json out.json]
+    python benchmarks/download.py --size-mb 1024 [--conn-limit-mbps 50] [--json out.json]
 
---conn-limit-mbps caps each connection's bandwidth (as CDNs and object stores do per
-stream), which is where parallel ranges pay off; loopback without a cap measures CPU cost.
+--conn-limit-mbps caps each connection's bandwidth (as CDNs and object stores do per stream), which is where
+parallel downloads pay off; loopback without a cap measures CPU cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -30,24 +30,39 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import downloads  # noqa: E402
 import weights  # noqa: E402
+from fake_hub import FakeHub  # noqa: E402
 
-FILE_MB = 64  # size of each weight file inside the tar
+FILE_MB = 64  # size of each weight file
 
 
-def build_tar(path: Path, size_mb: int) -> int:
-    """Write a diffusers-like tar of ~size_mb MiB of random data; return its size in bytes."""
+def build_folder(folder: Path, size_mb: int) -> None:
+    """A diffusers-like folder of ~size_mb MiB of random data: one component, sharded, with its index."""
+    (folder / "transformer").mkdir(parents=True)
+    index = {
+        "_class_name": "CogVideoXImageToVideoPipeline",
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "transformer" / "config.json").write_text("{}")
+    shards = [f"diffusion_pytorch_model-{i + 1:05d}.safetensors" for i in range(-(-size_mb // FILE_MB))]
+    for i, name in enumerate(shards):
+        (folder / "transformer" / name).write_bytes(os.urandom(min(FILE_MB, size_mb - i * FILE_MB) << 20))
+    weight_map = {"weight": shards[0], **{f"w{i}": name for i, name in enumerate(shards)}}
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+
+
+def build_tar(folder: Path, path: Path) -> int:
+    """Tar the folder's contents; return the tar's size in bytes."""
     with tarfile.open(path, "w") as tar:
-        index = json.dumps({"_class_name": "BenchmarkPipeline"}).encode()
-        info = tarfile.TarInfo("model_index.json")
-        info.size = len(index)
-        tar.addfile(info, io.BytesIO(index))
-        for i, start in enumerate(range(0, size_mb, FILE_MB)):
-            data = os.urandom(min(FILE_MB, size_mb - start) << 20)
-            info = tarfile.TarInfo(f"transformer/diffusion_pytorch_model-{i:05d}.safetensors")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        for item in sorted(folder.rglob("*")):
+            tar.add(item, arcname=item.relative_to(folder).as_posix(), recursive=False)
     return path.stat().st_size
 
 
@@ -134,44 +149,49 @@ def main() -> None:
         os.environ["WEIGHTS_CHUNK_SIZE"] = args.chunk_size
     logging.basicConfig(level=logging.WARNING)
 
-    with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="weights-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="weights-bench-") as tmp_name, FakeHub() as hub:
         tmp = Path(tmp_name)
-        print(f"Building a {args.size_mb} MiB tar in {tmp} ...", flush=True)
-        nbytes = build_tar(tmp / "weights.tar", args.size_mb)
+        print(f"Building a {args.size_mb} MiB folder, its tar and a hub repo of it in {tmp} ...", flush=True)
+        build_folder(tmp / "folder", args.size_mb)
+        nbytes = build_tar(tmp / "folder", tmp / "weights.tar")
         server = QuietServer(("127.0.0.1", 0), make_handler(tmp / "weights.tar", args.conn_limit_mbps * 1e6))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}/weights.tar"
+        hub.add_repo("bench/model", tmp / "folder")
+        hub.limit_bytes_per_s = args.conn_limit_mbps * 1e6
+        os.environ["HF_ENDPOINT"] = hub.url
 
-        def fallback() -> Path:
-            weights.download_weights(url, tmp / "dest")  # fresh: the previous run's dest was removed
-            return tmp / "dest"
+        def fetch(source: str) -> Callable[[], Path]:
+            def once() -> Path:
+                weights.fetch_weights(source, tmp / "dest", "BENCH_WEIGHTS_URL")  # fresh: the last run's was removed
+                return tmp / "dest"
+
+            return once
 
         def plain() -> Path:
             plain_download(url, tmp / "plain.tar")
             return tmp / "plain.tar"
 
-        fast = median_mb_per_s("fallback", args.runs, nbytes, fallback)
-        slow = median_mb_per_s("single stream", args.runs, nbytes, plain)
+        rates = {
+            "tar: weights.py httpx fallback (parallel ranges, extracting)": fetch(url),
+            f"hub: weights.py huggingface_hub ({weights.HUB_WORKERS} files at once)": fetch("hf://bench/model"),
+            "httpx single stream of the tar (to disk)": plain,
+        }
+        rates = {label: median_mb_per_s(label, args.runs, nbytes, once) for label, once in rates.items()}
         server.shutdown()
 
-    concurrency = os.environ.get("WEIGHTS_CONCURRENCY") or weights.DEFAULT_CONCURRENCY
-    chunk = os.environ.get("WEIGHTS_CHUNK_SIZE") or weights.DEFAULT_CHUNK_SIZE
+    concurrency = os.environ.get("WEIGHTS_CONCURRENCY") or downloads.DEFAULT_CONCURRENCY
+    chunk = os.environ.get("WEIGHTS_CHUNK_SIZE") or downloads.DEFAULT_CHUNK_SIZE
     cap = f"{args.conn_limit_mbps:g} MB/s per connection" if args.conn_limit_mbps else "no cap"
-    print(f"\n{nbytes / 1e6:.0f} MB tar over loopback ({cap}), median of {args.runs}:")
-    print(f"  {'weights.py fallback (c=' + concurrency + ', chunk ' + chunk + ', extract)':<48} {fast:8.0f} MB/s")
-    print(f"  {'httpx single stream (to disk)':<48} {slow:8.0f} MB/s")
-    print(f"  {'ratio':<48} {fast / slow:8.2f} x")
+    single = list(rates.values())[-1]
+    print(f"\n{nbytes / 1e6:.0f} MB over loopback ({cap}; fallback c={concurrency}, chunk {chunk}), median of "
+          f"{args.runs}:")  # fmt: skip
+    for label, rate in rates.items():
+        print(f"  {label:<64} {rate:8.0f} MB/s  {rate / single:5.2f} x")
     if args.json:
-        result = {
-            "bytes": nbytes,
-            "runs": args.runs,
-            "concurrency": int(concurrency),
-            "chunk_size": chunk,
-            "conn_limit_mb_per_s": args.conn_limit_mbps,
-            "fallback_mb_per_s": fast,
-            "single_stream_mb_per_s": slow,
-            "ratio": fast / slow,
-        }
+        result = {"bytes": nbytes, "runs": args.runs, "concurrency": int(concurrency), "chunk_size": chunk,
+                  "conn_limit_mb_per_s": args.conn_limit_mbps, "mb_per_s": rates,
+                  "ratio_to_single_stream": {label: rate / single for label, rate in rates.items()}}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -1,13 +1,19 @@
-"""GPU benchmark of both predictors (issue 6: CogVideoX-5b-I2V, issue 7: zeroscope v2 XL): reference vs project.
+"""GPU benchmark of the predictors (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, zeroscope v2 XL): reference vs project.
 
 Builds the real architectures at full size with random weights straight on the GPU (random weights cost exactly
-the compute of the real ones), wraps them in the predictor the way setup() does (without the download), and
-times the predictor's own run() under each configuration, in this order:
+the compute of the real ones), sets the predictor up on them with its own setup() (load_pipeline stubbed: no
+download), and times the predictor's own run() under each configuration, in this order:
 
-  reference  i2v: bf16 + enable_model_cpu_offload() + vae.enable_tiling() (the model card's);
-             v2v: fp16 + enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs')
-  project    what setup() does: place_pipeline() (resident on a GPU with room) + speed_up() (fused QKV)
-  fbc        project + FirstBlockCache(threshold 0.05) on the CogVideoX transformer: LOSSY (i2v only)
+  reference  the model cards' / official demos': CPU offload + VAE tiling or slicing, in the checkpoint's dtype:
+             i2v: enable_model_cpu_offload() + vae.enable_tiling() (CogVideoX-5b-I2V's card);
+             i2v15: enable_model_cpu_offload() + vae.enable_tiling() + vae.enable_slicing() (THUDM cli_demo's
+             option for GPUs with room; the 1.5 model card's own example offloads sequentially, slower still);
+             v2v: enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs')
+  project    what setup() does: place_pipeline() (resident on a GPU with room, the checkpoint's VAE tiling) +
+             speed_up() (fused QKV)
+  lora       project + a rank-64 LoRA on to_q/to_k/to_v/to_out.0 (random, built with peft, served from 127.0.0.1),
+             activated by the predictor's Loras and run() (CogVideoX only): changes the output by design
+  fbc        project + FirstBlockCache(threshold 0.05) on the CogVideoX transformer: LOSSY (CogVideoX only)
   compile    project + speed_up(compile_blocks=True): each block torch.compile'd (TORCH_COMPILE=1 in production)
   setup      the production setup() in a fresh process, weights already on local disk (saved here first)
 
@@ -16,17 +22,22 @@ Per configuration: one warm-up run, then --repeats runs, medians of: end-to-end 
 seconds (synchronised wrappers), peak GPU memory, achieved TFLOP/s of the transformer/UNet (FLOPs of one forward at
 the real shapes counted with FlopCounterMode, x forwards per run / denoising seconds), the speed-up over the
 reference, and the max abs difference of the final latents (and decoded video) from the reference, same seed.
+The LoRA configuration also reports its per-step and end-to-end time over the project's, the first use of a LoRA
+(download + check + load) and a switch between two loaded ones.
 The JSON (--json) is rewritten after each configuration, and a table row is printed as each one finishes.
 --budget-s stops before a run that would not end in time, so one command stays within the device's 10 minutes.
 
-    python benchmarks/gpu.py --model i2v --steps 10 --repeats 2 --json i2v.json    # one H100, ~6 min
-    python benchmarks/gpu.py --model v2v --repeats 2 --json v2v.json               # one H100, ~4 min
-    python benchmarks/gpu.py --smoke --model both --json smoke.json               # CPU, tiny float32 models
+    python benchmarks/gpu.py --model i2v --steps 10 --repeats 2 --json i2v.json       # one H100
+    python benchmarks/gpu.py --model i2v15 --steps 5 --repeats 1 --json i2v15.json    # one H100
+    python benchmarks/gpu.py --model v2v --repeats 2 --json v2v.json                  # one H100
+    python benchmarks/gpu.py --smoke --model all --json smoke.json                    # CPU, tiny float32 models
 
---smoke builds tiny versions of the same architectures on the CPU in float32 (2 steps, few frames), so the whole
-code path runs without a GPU. There the reference is EMULATED: enable_model_cpu_offload(device="cpu") installs and
-runs the same offload hooks, but nothing moves; CPU timings are noise, only the code path and the numbers' agreement
-between configurations mean something.
+Runs use the predictors' own defaults (frames, size, fps, guidance; --steps overrides the steps): 49 frames at
+720x480 for i2v, 81 frames at 1360x768 (16:9) for i2v15, 24 frames at 1024x576 for v2v.
+--smoke builds tiny versions of the same architectures on the CPU in float32 (2 steps, few frames, small sizes;
+i2v15's short side is patched from 768 to 48 px), so the whole code path runs without a GPU. There the reference is
+EMULATED: enable_model_cpu_offload(device="cpu") installs and runs the same offload hooks, but nothing moves; CPU
+timings are noise, only the code path and the numbers' agreement between configurations mean something.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import argparse
 import functools
 import gc
 import importlib
+import inspect
 import json
 import os
 import statistics
@@ -43,50 +55,81 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
+from cog import Path as CogPath
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import cogvideox  # noqa: E402
 import tiny_weights  # noqa: E402
 import weights  # noqa: E402
+from harness import serve_directory  # noqa: E402
 from media import write_mp4  # noqa: E402
-from pipelines import denoiser, place_pipeline, speed_up  # noqa: E402
+from pipelines import Checkpoint, denoiser, place_pipeline, speed_up  # noqa: E402
 
 START = time.perf_counter()
 SEED = 42
 PROMPT = "a golden retriever running on a beach at sunset, waves rolling in, cinematic, high quality"
-CONFIGS = ["reference", "project", "fbc", "compile", "setup"]
+CONFIGS = ["reference", "project", "lora", "fbc", "compile", "setup"]
 FBC_THRESHOLD = 0.05
+LORA_RANK = 64
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LABELS = {
     "reference": "reference (model card: CPU offload + VAE tiling/slicing)",
     "project": "project (place_pipeline + speed_up: resident, fused QKV)",
+    "lora": f"project + rank-{LORA_RANK} LoRA (not lossless: changes the output by design)",
     "fbc": f"project + FirstBlockCache {FBC_THRESHOLD} (LOSSY)",
     "compile": "project + per-block torch.compile",
 }
+CHANGES_OUTPUT = {"lora": "not lossless", "fbc": "LOSSY"}  # the configurations that are not lossless, as marked
 
 
 @dataclass(frozen=True)
-class Spec:
-    """One model: what its predictor is called, how it is loaded and what a run asks for."""
+class Model:
+    """A predictor under test. Its checkpoint (name, weights variable, dtype, placement) and its run() defaults come
+    from its module; here only what the benchmark asks for differently."""
 
     module: str
-    cache_name: str  # the folder name the predictor's setup() passes to load_pipeline
-    url_env: str  # the environment variable the predictor reads its weights URL from
-    cuda_dtype: torch.dtype
-    steps: int  # the default num_inference_steps
-    strength: float = 1.0  # fraction of the steps that run (v2v)
+    reference_vae: tuple[str, ...]  # the reference's VAE memory savers: "tiling", "slicing"
+    inputs: dict[str, Any]  # run() inputs other than its defaults
+    smoke_inputs: dict[str, Any]  # the same with --smoke
+    smoke_constants: dict[str, Any] = field(default_factory=dict)  # module constants patched with --smoke
 
 
-SPECS = {
-    "i2v": Spec("predict_i2v", "cogvideox-5b-i2v", "COGVIDEOX_I2V_WEIGHTS_URL", torch.bfloat16, 50),
-    "v2v": Spec("predict_v2v", "zeroscope-v2-xl", "ZEROSCOPE_XL_WEIGHTS_URL", torch.float16, 40, 0.6),
+MODELS = {
+    "i2v": Model("predict_i2v", ("tiling",), {}, {"num_frames": 9, "num_inference_steps": 2}),
+    "i2v15": Model(
+        "predict_i2v15",
+        ("tiling", "slicing"),
+        {"aspect_ratio": "16:9"},
+        {"aspect_ratio": "16:9", "num_frames": 17, "num_inference_steps": 2},
+        {"SHORT_SIDE": 48},  # the tiny VAE decodes 17 frames at 768x768 in ~10 s on one core (CPU conv3d)
+    ),
+    "v2v": Model(
+        "predict_v2v", ("slicing",), {}, {"width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 4}
+    ),
 }
+
+
+def module_of(model: str) -> ModuleType:
+    return importlib.import_module(MODELS[model].module)
+
+
+def checkpoint_of(model: str) -> Checkpoint:
+    return module_of(model).CHECKPOINT
+
+
+def run_default(model: str, name: str) -> Any:
+    """The default of one of the predictor's run() inputs, as its Input() declares it."""
+    return inspect.signature(module_of(model).Predictor.run).parameters[name].default.default
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,8 +145,9 @@ def _make(device: str, dtype: torch.dtype, build: Callable[[], torch.nn.Module])
     return module.to(dtype).eval().requires_grad_(False)
 
 
-def build_i2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
-    """CogVideoXImageToVideoPipeline with THUDM/CogVideoX-5b-I2V's architecture (or a tiny one)."""
+def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
+    """CogVideoXImageToVideoPipeline with THUDM/CogVideoX-5b-I2V's (i2v) or CogVideoX1.5-5B-I2V's (i2v15)
+    architecture, or a tiny one with the same architecture flags."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -116,13 +160,19 @@ def build_i2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> An
     if smoke:
         t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
         dit = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32, latent=4)
-        dit.update(sample_height=4, sample_width=6)  # 32x48 pixels
+        dit.update(sample_height=4, sample_width=6)  # i2v: 32x48 pixels
         vae = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2)
-    else:  # google/t5-v1_1-xxl encoder; CogVideoX-5b-I2V transformer and VAE
+    else:  # google/t5-v1_1-xxl encoder; CogVideoX-5b(-I2V) / CogVideoX1.5-5B(-I2V) transformer and VAE
         t5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
         dit = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, time_embed_dim=512, latent=16)
-        dit.update(sample_height=60, sample_width=90)  # 480x720 pixels
+        dit.update(sample_height=60, sample_width=90)  # i2v: 480x720 pixels
         vae = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, norm_num_groups=32)
+    if model == "i2v15":  # rotary position embeddings only (any size), 2-frame patches, an ofs embedding
+        dit.update(sample_height=96, sample_width=170, sample_frames=81, use_learned_positional_embeddings=False)
+        dit.update(patch_size_t=2, patch_bias=False, ofs_embed_dim=dit["time_embed_dim"])  # the two are added
+        vae.update(invert_scale_latents=True)
+    else:
+        dit.update(sample_frames=49, use_learned_positional_embeddings=True)
     latent = dit.pop("latent")
     text_encoder = _make(device, dtype, lambda: T5EncoderModel(T5Config(
         vocab_size=len(tokenizer) if smoke else 32128, num_decoder_layers=t5["num_layers"],
@@ -132,11 +182,11 @@ def build_i2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> An
     )))  # fmt: skip
     transformer = _make(device, dtype, lambda: CogVideoXTransformer3DModel(
         in_channels=2 * latent, out_channels=latent, flip_sin_to_cos=True, freq_shift=0,
-        text_embed_dim=t5["d_model"], dropout=0.0, attention_bias=True, sample_frames=49, patch_size=2,
+        text_embed_dim=t5["d_model"], dropout=0.0, attention_bias=True, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=tiny_weights.COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
         activation_fn="gelu-approximate", timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5,
         spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=True, **dit,
+        **dit,
     ))  # fmt: skip
     vae = _make(device, dtype, lambda: AutoencoderKLCogVideoX(
         latent_channels=latent, temporal_compression_ratio=4, sample_height=480, sample_width=720,
@@ -186,27 +236,52 @@ def build_v2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> An
     )
 
 
-BUILDERS = {"i2v": build_i2v, "v2v": build_v2v}
+def build(model: str, smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
+    """The model's pipeline at full size (tiny with `smoke`), random weights, built on `device` in `dtype`."""
+    if model == "v2v":
+        return build_v2v(smoke, device, dtype, workdir)
+    return build_cogvideox(model, smoke, device, dtype, workdir)
 
 
 def make_predictor(model: str, pipe: Any) -> Any:
-    """The predictor with `pipe`, set up as its setup() does after load_pipeline (no download, no warm-up)."""
-    module = importlib.import_module(SPECS[model].module)
-    predictor = module.Predictor.__new__(module.Predictor)
-    predictor.pipe, predictor.setup_timings = pipe, {}
-    pipe.set_progress_bar_config(disable=True)
-    if model == "i2v":
-        predictor.schedulers = {
-            name: cls.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-            for name, cls in module.SCHEDULERS.items()
-        }
-        predictor.width = pipe.transformer.config.sample_width * pipe.vae_scale_factor_spatial
-        predictor.height = pipe.transformer.config.sample_height * pipe.vae_scale_factor_spatial
-    else:
-        from diffusers import DPMSolverMultistepScheduler
+    """The predictor, set up by its own setup() (warm-up included) on `pipe`: load_pipeline stubbed to what it does
+    after the download and placement (speed_up, so that setup() makes its Loras on fused projections, as in
+    production); each configuration then places the pipeline its way."""
 
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    def load_pipeline(checkpoint: Checkpoint) -> tuple[Any, dict[str, float]]:
+        speed_up(denoiser(pipe))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, {}
+
+    module = module_of(model)
+    loader = cogvideox if issubclass(module.Predictor, cogvideox.CogVideoXPredictor) else module
+    with mock.patch.object(loader, "load_pipeline", load_pipeline):
+        predictor = module.Predictor()
+        predictor.setup()
     return predictor
+
+
+def write_lora(pipe: Any, path: Path, seed: int) -> Path:
+    """A rank-LORA_RANK LoRA on the transformer's LORA_TARGETS with random non-zero weights, saved as the trainers
+    save theirs (save_lora_weights, peft config as metadata): peft adapts a meta-device copy of the transformer for
+    the layers' names and shapes, so the real one stays untouched."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer, dtype = pipe.transformer, pipe.transformer.dtype
+    with torch.device("meta"):
+        shadow = type(transformer).from_config(transformer.config)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS)
+    shadow.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key, meta in get_peft_model_state_dict(shadow).items():  # lora_A: rank x in, lora_B: out x rank
+        scale = meta.shape[1] ** -0.5 * (0.1 if ".lora_B." in key else 1.0)  # a change of ~10% of each output
+        layers[key] = torch.randn(meta.shape, generator=generator, dtype=dtype).mul_(scale)
+    type(pipe).save_lora_weights(
+        path.parent, weight_name=path.name, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )  # fmt: skip
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,14 +391,6 @@ def count_flops(probe: Probe) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Settings:
-    steps: int
-    frames: int
-    width: int = 0  # v2v only (i2v's size is fixed by the model)
-    height: int = 0
-
-
 def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
     """A still image (i2v) and a 24-frame moving-gradient clip (v2v), in a size to be fitted as users' are."""
     rng = np.random.default_rng(SEED)
@@ -337,21 +404,14 @@ def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
     return workdir / "input.png", write_mp4(np.asarray(frames, dtype=np.uint8), 8, workdir / "input.mp4")
 
 
-def call_run(model: str, predictor: Any, settings: Settings, image: Path, video: Path) -> Any:
-    """The predictor's run(), with the benchmark's inputs (cog.Path, as the server passes them)."""
-    from cog import Path as CogPath
-
-    if model == "i2v":
-        return predictor.run(
-            image=CogPath(image), prompt=PROMPT, negative_prompt="", num_frames=settings.frames,
-            num_inference_steps=settings.steps, guidance_scale=6.0, use_dynamic_cfg=True, scheduler="cogvideox_dpm",
-            fps=8, seed=SEED,
-        )  # fmt: skip
-    return predictor.run(
-        video=CogPath(video), prompt=PROMPT, negative_prompt="", strength=SPECS["v2v"].strength,
-        num_inference_steps=settings.steps, guidance_scale=15.0, width=settings.width, height=settings.height,
-        max_frames=settings.frames, seed=SEED,
-    )  # fmt: skip
+def run_inputs(model: str, smoke: bool, steps: int | None, image: Path, video: Path) -> dict[str, Any]:
+    """The inputs the benchmark gives run(): the predictor's defaults but for the model's own, --steps, the seed."""
+    spec = MODELS[model]
+    inputs = {"prompt": PROMPT, "seed": SEED, **(spec.smoke_inputs if smoke else spec.inputs)}
+    if steps:
+        inputs["num_inference_steps"] = steps
+    media = "video" if model == "v2v" else "image"
+    return {media: CogPath(image if media == "image" else video), **inputs}  # cog.Path, as the server passes them
 
 
 def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
@@ -381,39 +441,114 @@ def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def configure(name: str, model: str, pipe: Any, device: str) -> dict[str, Any]:
+@dataclass
+class Bench:
+    """One model under test: its predictor (on the built pipeline), what run() is given, where files go."""
+
+    model: str
+    predictor: Any
+    device: str
+    workdir: Path
+    inputs: dict[str, Any]
+    server: Any = None  # serves the LoRA files (lora configuration)
+
+    @property
+    def pipe(self) -> Any:
+        return self.predictor.pipe
+
+
+def configure(name: str, bench: Bench) -> dict[str, Any]:
     """Put the pipeline in configuration `name` (applied in CONFIGS order); what was done, for the report."""
-    spec = SPECS[model]
-    resident_gib = importlib.import_module(spec.module).RESIDENT_GIB
+    pipe, checkpoint = bench.pipe, checkpoint_of(bench.model)
     if name == "reference":
-        pipe.enable_model_cpu_offload(device=device)
-        pipe.vae.enable_tiling() if model == "i2v" else pipe.vae.enable_slicing()
-        emulated = "CPU: the offload hooks run, but there is no GPU to move the models to" if device == "cpu" else None
-        return {"placement": "offload", "emulated": emulated}
+        unfuse(denoiser(pipe))  # as the model card loads it
+        pipe.enable_model_cpu_offload(device=bench.device)
+        for saver in MODELS[bench.model].reference_vae:
+            getattr(pipe.vae, f"enable_{saver}")()
+        emulated = "CPU: the offload hooks run, but there is no GPU to move the models to"
+        emulated = emulated if bench.device == "cpu" else None
+        return {"placement": "offload", "vae": vae_savers(pipe), "emulated": emulated}
     if name == "project":
         pipe.remove_all_hooks()  # undo the reference's offloading
         pipe.vae.disable_tiling()
         pipe.vae.disable_slicing()
-        placement = place_pipeline(pipe, device, resident_gib)
+        placement = place_pipeline(pipe, bench.device, checkpoint.resident_gib, checkpoint.vae_tiling)
         speed_up(denoiser(pipe))
-        return {"placement": placement}
+        return {"placement": placement, "vae": vae_savers(pipe)}
+    if name == "lora":
+        return configure_lora(bench)
     if name == "fbc":
         from diffusers import FirstBlockCacheConfig
 
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=FBC_THRESHOLD))
-        return {"lossy": True, "note": "effective TFLOP/s: cached steps skip most blocks"}
+        return {"note": "effective TFLOP/s: cached steps skip most blocks"}
     if name == "compile":
         speed_up(denoiser(pipe), compile_blocks=True)
         return {"note": "warmup_s includes compiling"}
     raise ValueError(name)
 
 
-def unconfigure(name: str, pipe: Any) -> None:
+def vae_savers(pipe: Any) -> str:
+    """The VAE's memory savers on: "tiling", "slicing", both or none."""
+    return "+".join(saver for saver in ("tiling", "slicing") if getattr(pipe.vae, f"use_{saver}"))
+
+
+def unfuse(model: torch.nn.Module) -> None:
+    """Undo speed_up's fusion entirely: the unfused processors back, and the fused projections' weights gone (they
+    would add ~2.4 GB to what the reference holds and moves). The next speed_up() fuses afresh."""
+    model.unfuse_qkv_projections()
+    for module in model.modules():
+        if getattr(module, "fused_projections", False):
+            for name in ("to_qkv", "to_kv"):
+                if hasattr(module, name):
+                    delattr(module, name)
+            module.fused_projections = False
+
+
+def configure_lora(bench: Bench) -> dict[str, Any]:
+    """Two random LoRAs served from 127.0.0.1, used through the predictor's Loras; run() is then given the first.
+
+    Times the first use of a LoRA (download, check, load) and switching between the two once both are loaded.
+    """
+    loras = bench.predictor.loras
+    os.environ["WEIGHTS_CACHE_DIR"] = str(bench.workdir / "cache")  # where Loras keeps its files
+    bench.server = serve_directory(bench.workdir)
+    urls = []
+    for seed in (1, 2):
+        path = write_lora(bench.pipe, bench.workdir / f"lora-{seed}.safetensors", seed)
+        urls.append(f"http://127.0.0.1:{bench.server.server_port}/{path.name}")
+
+    def use(url: str) -> float:
+        start = time.perf_counter()
+        loras.use(url, 1.0)
+        sync()
+        return time.perf_counter() - start
+
+    first_use = use(urls[0])
+    use(urls[1])
+    switches = [use(url) for url in urls * 3]
+    bench.inputs.update(lora_url=urls[0], lora_scale=1.0)  # run() makes it active itself, as in production
+    return {
+        "lora_rank": LORA_RANK, "lora_targets": LORA_TARGETS, "lora_mb": path.stat().st_size / 1e6,
+        "lora_first_use_s": first_use, "lora_switch_s": statistics.median(switches),
+    }  # fmt: skip
+
+
+def unconfigure(name: str, bench: Bench) -> None:
+    if name == "lora":
+        bench.predictor.loras.use("", 0)  # back to the fused processors
+        bench.pipe.unload_lora_weights()  # and to the plain layers, for the configurations after this one
+        bench.inputs.pop("lora_url", None)
+        bench.inputs.pop("lora_scale", None)
+        if bench.server:
+            bench.server.shutdown()
     if name == "fbc":
-        pipe.transformer.disable_cache()
+        bench.pipe.transformer.disable_cache()
 
 
 def skip_reason(name: str, model: str, device: str) -> str | None:
+    if name == "lora" and model == "v2v":
+        return "zeroscope's predictor takes no LoRA"
     if name == "fbc" and model == "v2v":
         return "UNet3D has no cache support in diffusers"
     if name == "compile" and device == "cpu":
@@ -449,11 +584,11 @@ class Budget:
 
 def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Callable[[], None]) -> None:
     """Build the model, save it for the setup measurement, and run each configuration; results go into `result`."""
-    spec = SPECS[model]
-    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", spec.cuda_dtype)
+    checkpoint = checkpoint_of(model)
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", checkpoint.cuda_dtype)
     workdir = Path(result["_workdir"])
     start = time.perf_counter()
-    pipe = BUILDERS[model](args.smoke, device, dtype, workdir)
+    pipe = build(model, args.smoke, device, dtype, workdir)
     sync()
     result["build_s"] = time.perf_counter() - start
     params = {
@@ -463,31 +598,32 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
     print(f"[{model}] built {params} in {result['build_s']:.1f} s on {device} ({dtype})", flush=True)
     if "setup" in args.configs:
         start = time.perf_counter()
-        pipe.save_pretrained(workdir / "cache" / spec.cache_name, safe_serialization=True)
+        pipe.save_pretrained(workdir / "cache" / checkpoint.name, safe_serialization=True)
         result["setup"] = {"save_s": time.perf_counter() - start}
         print(f"[{model}] saved for the setup measurement in {result['setup']['save_s']:.1f} s", flush=True)
         save()
 
+    if args.smoke:
+        for constant, value in MODELS[model].smoke_constants.items():
+            setattr(module_of(model), constant, value)
     predictor = make_predictor(model, pipe)
-    image, video = write_inputs(workdir, args.smoke)
-    steps = args.steps or (2 if args.smoke and model == "i2v" else 4 if args.smoke else spec.steps)
-    frames = (9 if model == "i2v" else 4) if args.smoke else (49 if model == "i2v" else 24)
-    settings = Settings(steps, frames)
-    if model == "v2v":
-        settings.width, settings.height = (64, 64) if args.smoke else (1024, 576)
-    executed = max(1, int(steps * spec.strength))
-    default_executed = int(spec.steps * spec.strength)  # for the extrapolation to the default number of steps
-    result["settings"] = {**settings.__dict__, "executed_steps": executed, "seed": SEED, "repeats": args.repeats}
-    if model == "i2v":
-        result["settings"].update(width=predictor.width, height=predictor.height)
-    run = functools.partial(call_run, model, predictor, settings, image, video)
+    bench = Bench(model, predictor, device, workdir, run_inputs(model, args.smoke, args.steps, *write_inputs(
+        workdir, args.smoke)))  # fmt: skip
+    steps = bench.inputs.get("num_inference_steps", run_default(model, "num_inference_steps"))
+    strength = run_default(model, "strength") if model == "v2v" else 1.0
+    executed = max(1, int(steps * strength))
+    default_executed = int(run_default(model, "num_inference_steps") * strength)  # to extrapolate to the default
+    result["settings"] = {
+        **{k: v for k, v in bench.inputs.items() if not isinstance(v, Path)},
+        "executed_steps": executed, "repeats": args.repeats,
+    }  # fmt: skip
     probe = Probe(pipe)
-    reference: dict[str, torch.Tensor] = {}
+    reference: dict[str, Any] = {}
     last_run_s = 0.0
     budget = Budget(args.budget_s)
 
     for name in [c for c in CONFIGS if c in args.configs and c != "setup"]:
-        entry = result["configs"][name] = {"label": LABELS[name], "lossy": name == "fbc"}
+        entry = result["configs"][name] = {"label": LABELS[name], "lossless": name not in CHANGES_OUTPUT}
         if reason := skip_reason(name, model, device):
             entry["skipped"] = reason
             continue
@@ -495,7 +631,8 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
             entry["skipped"] = "time budget"
             continue
         try:
-            entry.update(configure(name, model, pipe, device))
+            entry.update(configure(name, bench))
+            run = functools.partial(predictor.run, **bench.inputs)
             start = time.perf_counter()
             one_run(run, probe)
             entry["warmup_s"] = last_run_s = time.perf_counter() - start
@@ -503,6 +640,8 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
             if result.get("flops_per_forward") is None:
                 result["flops_per_forward"] = count_flops(probe)
                 pipe.maybe_free_model_hooks()  # offloading: put the transformer back where a run leaves it
+                frames, height, width = probe.video.shape[-3:]  # (batch, channels, frames, height, width)
+                result["settings"].update(frames=frames, height=height, width=width)
             runs = []
             for _ in range(args.repeats):
                 if not budget.allows(last_run_s):
@@ -514,7 +653,7 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
                 continue
             entry["runs"] = runs
             entry.update(summarise(runs, result["flops_per_forward"], executed, default_executed))
-            if entry["lossy"]:
+            if name == "fbc":  # the cached steps skip most blocks: not the FLOPs counted
                 entry["tflops_effective"], entry["tflops"] = entry["tflops"], None
             entry["latents_repeat_max_abs_diff"] = max_abs_diff(first_latents, probe.latents)
             if not reference:
@@ -527,10 +666,13 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
             entry["step_speedup_vs_reference"] = reference["step_s"] / entry["step_s"]
             if name == "reference":
                 result["reference_latents_max_abs"] = probe.latents.abs().max().item()
+            if name == "lora" and "e2e_s" in (project := result["configs"].get("project", {})):
+                entry["step_s_over_project"] = entry["step_s"] / project["step_s"]
+                entry["e2e_s_over_project"] = entry["e2e_s"] / project["e2e_s"]
         except Exception as exc:  # report and go on with the next configuration
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            unconfigure(name, pipe)
+            unconfigure(name, bench)
             save()
             print(table_row(model, name, entry), flush=True)
     ref, proj = result["configs"].get("reference", {}), result["configs"].get("project", {})
@@ -543,21 +685,24 @@ def measure_setup(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
 
     The weights were just written, so they are read from the page cache: a cold disk adds size / disk speed.
     """
-    spec = SPECS[model]
+    checkpoint = checkpoint_of(model)
     cache = workdir / "cache"
-    folder = cache / spec.cache_name
-    url = f"file:///benchmark/{spec.cache_name}.tar"  # never fetched: the marker says the cache holds it
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    (folder / weights.MARKER).write_text(json.dumps({"url": url, "bytes": size, "files": 0}))
+    folder = cache / checkpoint.name
+    source = f"https://benchmark.invalid/{checkpoint.name}.tar"  # never fetched: the marker says the cache holds it
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    marker = {"source": source, "commit": None, "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
+    (folder / weights.MARKER).write_text(json.dumps(marker))
+    patches = MODELS[model].smoke_constants if args.smoke else {}
     code = (
         "import time; t0 = time.time()\n"
-        f"import json, torch, {spec.module} as m\n"
-        "t1 = time.time(); p = m.Predictor(); p.setup()\n"
+        f"import json, torch, {MODELS[model].module} as m\n"
+        + "".join(f"m.{constant} = {value!r}\n" for constant, value in patches.items())
+        + "t1 = time.time(); p = m.Predictor(); p.setup()\n"
         "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
         "print('SETUP_RESULT ' + json.dumps({'start': t0, 'imported': t1, 'ready': time.time(), "
         "'timings': p.setup_timings}))\n"
     )
-    env = {**os.environ, "WEIGHTS_CACHE_DIR": str(cache), spec.url_env: url}
+    env = {**os.environ, "WEIGHTS_CACHE_DIR": str(cache), checkpoint.variable: source}
     env.pop("TORCH_COMPILE", None)  # production default
     spawned = time.time()
     try:
@@ -572,7 +717,7 @@ def measure_setup(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
         return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
     child = json.loads(lines[-1].removeprefix("SETUP_RESULT "))
     return {
-        "weights_gib": size / 2**30,
+        "weights_gib": marker["bytes"] / 2**30,
         "setup_s": child["ready"] - spawned,  # process start to ready: interpreter, imports, load, placement, warm-up
         "python_start_s": child["start"] - spawned,
         "import_s": child["imported"] - child["start"],
@@ -604,7 +749,8 @@ def table_row(model: str, name: str, entry: dict) -> str:
         return f"| {model} | {name} | {entry.get('skipped') or entry.get('error') or 'no runs'} |" + " |" * 10
     tflops = entry["tflops"] if entry["tflops"] is not None else entry.get("tflops_effective")
     cells = [
-        model, name + (" (LOSSY)" if entry["lossy"] else "") + (" (emulated)" if entry.get("emulated") else ""),
+        model, name + (f" ({CHANGES_OUTPUT[name]})" if name in CHANGES_OUTPUT else "")
+        + (" (emulated)" if entry.get("emulated") else ""),
         _fmt(entry["e2e_s"]), _fmt(entry["step_s"], 3), _fmt(entry["text_encode_s"]), _fmt(entry["vae_encode_s"]),
         _fmt(entry["vae_decode_s"]), _fmt(entry["peak_gpu_mem_gib"], 1), _fmt(tflops, 1),
         _fmt(entry["speedup_vs_reference"]) + "x", _fmt(entry["latents_max_abs_diff"], 4),
@@ -616,10 +762,9 @@ def table_row(model: str, name: str, entry: dict) -> str:
 def markdown(report: dict) -> str:
     rows = [HEADER]
     notes = []
-    for model in ("i2v", "v2v"):
-        if model not in report:
+    for model, result in report.items():
+        if model not in MODELS:
             continue
-        result = report[model]
         rows += [table_row(model, name, entry) for name, entry in result["configs"].items()]
         if setup := result.get("setup"):
             notes.append(f"{model} setup (fresh process, weights on local disk): " + ", ".join(
@@ -627,17 +772,23 @@ def markdown(report: dict) -> str:
                 f"; error: {setup['error'][-300:]}" if "error" in setup else ""))  # fmt: skip
         if ratio := result.get("reference_over_project"):
             notes.append(f"{model} reference / project: e2e {ratio['e2e']:.2f}x, per step {ratio['step']:.2f}x")
+        if "step_s_over_project" in (lora := result["configs"].get("lora", {})):
+            notes.append(
+                f"{model} project + LoRA / project: per step {lora['step_s_over_project']:.2f}x, e2e "
+                f"{lora['e2e_s_over_project']:.2f}x; rank-{lora['lora_rank']} LoRA ({lora['lora_mb']:.1f} MB): first "
+                f"use (download + load) {lora['lora_first_use_s']:.3f} s, switch {lora['lora_switch_s']:.4f} s"
+            )
     return "\n".join(rows + [""] + notes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["i2v", "v2v", "both"], default="both")
-    parser.add_argument("--steps", type=int, help="num_inference_steps (default: 50 i2v, 40 v2v; smoke 2 / 4)")
+    parser.add_argument("--model", choices=[*MODELS, "all", "both"], default="all", help="both: all (older name)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: run()'s, 50 / 40; smoke 2 / 4)")
     parser.add_argument("--repeats", type=int, help="measured runs after the warm-up (default 3; smoke 1)")
     parser.add_argument(
-        "--configs", default=None, help=f"comma-separated, of {','.join(CONFIGS)} (default: reference,project,setup; "
-        "smoke: reference,project,fbc,setup)",
+        "--configs", default=None, help=f"comma-separated, of {','.join(CONFIGS)} (default: "
+        "reference,project,lora,setup; smoke: reference,project,lora,fbc,setup)",
     )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs past this (default 540)")
     parser.add_argument("--json", type=Path, help="write the results here (after each configuration)")
@@ -645,7 +796,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny float32 models on the CPU: the code path only")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 3)
-    args.configs = args.configs or ("reference,project,fbc,setup" if args.smoke else "reference,project,setup")
+    args.configs = args.configs or (
+        "reference,project,lora,fbc,setup" if args.smoke else "reference,project,lora,setup"
+    )
     args.configs = args.configs.split(",")
     if unknown := set(args.configs) - set(CONFIGS):
         parser.error(f"unknown configs: {sorted(unknown)}")
@@ -681,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.replace(args.json)
 
     print(HEADER, flush=True)
-    for model in ["i2v", "v2v"] if args.model == "both" else [args.model]:
+    for model in list(MODELS) if args.model in ("all", "both") else [args.model]:
         with tempfile.TemporaryDirectory(prefix=f"gpu-bench-{model}-", dir=args.workdir) as workdir:
             result = report[model] = {"configs": {}, "_workdir": workdir}
             bench_configs(model, args, result, save)

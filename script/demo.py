@@ -1,8 +1,9 @@
 """One real image-to-video prediction through the real Cog server, without Docker; writes an MP4.
 
-Uses the real CogVideoX-5b-I2V weights when their URL answers (set COGVIDEOX_I2V_WEIGHTS_URL for a mirror);
-otherwise builds tiny random weights of the real architecture offline (720x480 output, noise-like content) and
-serves them from 127.0.0.1. Either way the predictor, setup() and the server are the production ones.
+Uses the real CogVideoX-5b-I2V weights when their source answers (COGVIDEOX_I2V_WEIGHTS_URL: a tar URL or
+hf://THUDM/CogVideoX-5b-I2V); otherwise builds tiny random weights of the real architecture offline (720x480 output,
+noise-like content) and serves them from 127.0.0.1. Either way the predictor, setup() and the server are the
+production ones.
 """
 
 from __future__ import annotations
@@ -29,9 +30,19 @@ from harness import CogServer, data_url, serve_directory  # noqa: E402
 log = logging.getLogger("demo")
 
 
-def reachable(url: str) -> bool:
+def reachable(source: str) -> bool:
+    """Whether the weights source answers: a tar URL, or a hub repo (hf://OWNER/NAME[@REVISION])."""
+    if source.startswith("hf://"):
+        from huggingface_hub import HfApi
+
+        repo, _, revision = source.removeprefix("hf://").partition("@")
+        try:
+            HfApi().model_info(repo, revision=revision or None, timeout=5)
+            return True
+        except Exception:  # no network, no such repo, no access: all mean "use the tiny weights"
+            return False
     try:
-        return httpx.head(url, timeout=5, follow_redirects=True).status_code == 200
+        return httpx.head(source, timeout=5, follow_redirects=True).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -47,7 +58,8 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="demo-"))
 
-    url, steps, static = predict_i2v.WEIGHTS_URL, args.steps or 50, None
+    checkpoint = predict_i2v.CHECKPOINT
+    url, steps, static = os.environ.get(checkpoint.variable) or checkpoint.source, args.steps or 50, None
     if not reachable(url):
         log.info("Real weights unreachable (%s): building tiny random CogVideoX-5b-I2V weights offline", url)
         tiny_weights.make_tar(tiny_weights.build_i2v(work / "tiny", 60, 90), work / "served" / "i2v.tar")

@@ -200,6 +200,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
+        self.limit_bytes_per_s = 0.0  # per connection, for file bodies (0: no limit)
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, _File] = {}  # sha256 -> file, for the CDN
         self._faults: list[_Fault] = []
@@ -551,10 +552,21 @@ class FakeHub:
         drop = self._take(self._drops, method, path)
         count = min(length, drop.after_bytes) if drop is not None else length
         with f.disk_path.open("rb") as body:
-            sent = h.connection.sendfile(body, start, count) if count > 0 else 0
+            sent = self._sendfile(h.connection, body, start, count) if count > 0 else 0
         if drop is not None or sent < length:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
+
+    def _sendfile(self, connection: socket.socket, body: Any, start: int, count: int) -> int:
+        """Send `count` bytes of `body` from `start`, at most `limit_bytes_per_s` per connection if set (as CDNs
+        cap each stream)."""
+        if not self.limit_bytes_per_s:
+            return connection.sendfile(body, start, count)
+        began, sent = time.monotonic(), 0
+        while sent < count:
+            sent += connection.sendfile(body, start + sent, min(256 << 10, count - sent))
+            time.sleep(max(0.0, began + sent / self.limit_bytes_per_s - time.monotonic()))
+        return sent
 
 
 def _disposition(filename: str) -> str:

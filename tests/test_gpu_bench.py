@@ -14,40 +14,70 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["i2v", "i2v15", "v2v"]
 POSITIVE = [
     "e2e_s", "denoise_s", "step_s", "forward_median_s", "text_encode_s", "vae_encode_s", "vae_decode_s", "tflops",
     "warmup_s", "e2e_s_at_default_steps", "speedup_vs_reference", "step_speedup_vs_reference",
 ]  # fmt: skip
-COMPARED = [("i2v", "reference"), ("i2v", "project"), ("v2v", "reference"), ("v2v", "project")]
+MEASURED = [(model, config) for model in MODELS for config in ("reference", "project")]
+MEASURED += [("i2v", "lora"), ("i2v15", "lora")]
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu-bench") / "smoke.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu.py", "--smoke", "--model", "both", "--json", str(out)],
+        [sys.executable, "benchmarks/gpu.py", "--smoke", "--model", "all", "--json", str(out)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"report": json.loads(out.read_text()), "stdout": proc.stdout}
 
 
-@pytest.mark.parametrize(("model", "config"), COMPARED)
+def test_report_structure(smoke: dict) -> None:
+    report = smoke["report"]
+    assert set(report) == {"meta", *MODELS}
+    assert report["meta"]["smoke"] is True and report["meta"]["device"] == "cpu"
+    assert report["meta"]["configs"] == ["reference", "project", "lora", "fbc", "setup"]
+    for model in MODELS:
+        assert list(report[model]["configs"]) == ["reference", "project", "lora", "fbc"]
+        assert all(count > 0 for count in report[model]["params"].values())
+
+
+@pytest.mark.parametrize(
+    ("model", "frames", "height", "width", "executed_steps"),
+    [("i2v", 9, 32, 48, 2), ("i2v15", 17, 48, 80, 2), ("v2v", 4, 64, 64, 2)],  # i2v15: 16:9 on a 48 px short side
+)
+def test_runs_use_the_predictors_inputs(
+    smoke: dict, model: str, frames: int, height: int, width: int, executed_steps: int
+) -> None:
+    """The frames decoded are the size and count run() makes from the benchmark's inputs."""
+    settings = smoke["report"][model]["settings"]
+    assert (settings["frames"], settings["height"], settings["width"]) == (frames, height, width)
+    assert settings["executed_steps"] == executed_steps and settings["seed"] == 42
+
+
+@pytest.mark.parametrize(("model", "config"), MEASURED)
 def test_each_configuration_reports_positive_numbers(smoke: dict, model: str, config: str) -> None:
     result = smoke["report"][model]
     entry = result["configs"][config]
     assert "error" not in entry and "skipped" not in entry, entry
     for key in POSITIVE:
-        assert isinstance(entry[key], float) and math.isfinite(entry[key]) and entry[key] > 0, (key, entry[key])
+        assert positive(entry[key]), (key, entry[key])
     assert "peak_gpu_mem_gib" in entry and entry["peak_gpu_mem_gib"] is None  # CPU: no GPU memory to report
     assert len(entry["runs"]) == result["settings"]["repeats"]
     assert entry["forwards"] == result["settings"]["executed_steps"]  # one CFG-batched forward per step
     assert result["flops_per_forward"] > 0
-    assert entry["placement"] == ("offload" if config == "reference" else "cpu")
+    assert entry.get("placement") == {"reference": "offload", "project": "cpu", "lora": None}[config]
     assert bool(entry.get("emulated")) == (config == "reference")
+    assert entry["lossless"] is (config != "lora")
 
 
-@pytest.mark.parametrize("model", ["i2v", "v2v"])
+@pytest.mark.parametrize("model", MODELS)
 def test_reference_over_project_ratio(smoke: dict, model: str) -> None:
     result = smoke["report"][model]
     ratio, configs = result["reference_over_project"], result["configs"]
@@ -56,7 +86,7 @@ def test_reference_over_project_ratio(smoke: dict, model: str) -> None:
     assert configs["project"]["speedup_vs_reference"] == pytest.approx(ratio["e2e"])
 
 
-@pytest.mark.parametrize("model", ["i2v", "v2v"])
+@pytest.mark.parametrize("model", MODELS)
 def test_configurations_give_the_same_latents(smoke: dict, model: str) -> None:
     """Offloading and fused QKV are lossless: same seed, same latents up to float32 rounding."""
     result = smoke["report"][model]
@@ -70,15 +100,35 @@ def test_configurations_give_the_same_latents(smoke: dict, model: str) -> None:
     assert result["configs"]["reference"]["latents_max_abs_diff"] == 0.0
 
 
+@pytest.mark.parametrize("model", ["i2v", "i2v15"])
+def test_lora_configuration(smoke: dict, model: str) -> None:
+    """A rank-64 LoRA through the predictor's Loras: timed against the project, loaded once, switched cheaply, and
+    it changes the output (by design, so not lossless) the same way run after run."""
+    configs = smoke["report"][model]["configs"]
+    lora, project = configs["lora"], configs["project"]
+    assert "LoRA" in lora["label"] and lora["lossless"] is False
+    assert lora["lora_rank"] == 64 and lora["lora_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert positive(lora["lora_mb"]) and positive(lora["lora_first_use_s"]) and positive(lora["lora_switch_s"])
+    assert lora["lora_switch_s"] < lora["lora_first_use_s"]  # loaded adapters are not fetched or loaded again
+    assert lora["step_s_over_project"] == pytest.approx(lora["step_s"] / project["step_s"])
+    assert lora["e2e_s_over_project"] == pytest.approx(lora["e2e_s"] / project["e2e_s"])
+    assert lora["latents_max_abs_diff"] > 1e-3 and lora["video_max_abs_diff"] > 1e-3
+    assert lora["latents_repeat_max_abs_diff"] < 1e-6
+    # Unloaded after its configuration: the next one (FirstBlockCache) runs without it again.
+    assert configs["fbc"]["latents_max_abs_diff"] < lora["latents_max_abs_diff"] / 10
+
+
 def test_lossy_mode_is_labelled_and_only_where_supported(smoke: dict) -> None:
-    fbc = smoke["report"]["i2v"]["configs"]["fbc"]
-    assert fbc["lossy"] is True and "LOSSY" in fbc["label"]
-    assert fbc["tflops"] is None and fbc["tflops_effective"] > 0
-    assert "| i2v | fbc (LOSSY) |" in smoke["stdout"]
-    assert "UNet3D" in smoke["report"]["v2v"]["configs"]["fbc"]["skipped"]
+    for model in ("i2v", "i2v15"):
+        fbc = smoke["report"][model]["configs"]["fbc"]
+        assert fbc["lossless"] is False and "LOSSY" in fbc["label"]
+        assert fbc["tflops"] is None and fbc["tflops_effective"] > 0
+        assert f"| {model} | fbc (LOSSY) |" in smoke["stdout"]
+    v2v = smoke["report"]["v2v"]["configs"]
+    assert "UNet3D" in v2v["fbc"]["skipped"] and "no LoRA" in v2v["lora"]["skipped"]
 
 
-@pytest.mark.parametrize("model", ["i2v", "v2v"])
+@pytest.mark.parametrize("model", MODELS)
 def test_setup_is_timed_in_a_fresh_process_without_download(smoke: dict, model: str) -> None:
     setup = smoke["report"][model]["setup"]
     assert "error" not in setup, setup.get("error")
@@ -89,9 +139,12 @@ def test_setup_is_timed_in_a_fresh_process_without_download(smoke: dict, model: 
 
 def test_table_is_printed(smoke: dict) -> None:
     assert "| model | config | e2e s | s/step |" in smoke["stdout"]
-    for model, config in COMPARED:
+    for model, config in MEASURED:
         assert f"| {model} | {config}" in smoke["stdout"]
-    assert "i2v reference / project: e2e" in smoke["stdout"]
+    for model in MODELS:
+        assert f"{model} reference / project: e2e" in smoke["stdout"]
+    for model in ("i2v", "i2v15"):
+        assert f"{model} project + LoRA / project: per step" in smoke["stdout"]
 
 
 def test_full_size_models_are_the_published_architectures() -> None:
@@ -99,21 +152,32 @@ def test_full_size_models_are_the_published_architectures() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu
 
+    cogvideox = {"text_encoder": (4_762_310_656, 0), "transformer": (5.57e9, 0.01), "vae": (2.156e8, 0.01)}
     expected = {
-        "i2v": {"text_encoder": (4_762_310_656, 0), "transformer": (5.57e9, 0.01), "vae": (2.156e8, 0.01)},
+        "i2v": cogvideox,
+        "i2v15": {**cogvideox, "transformer": (5.57e9, 0.001)},  # 11.14 GB in bf16, as the hub files
         "v2v": {"text_encoder": (340_387_840, 0), "unet": (1.411e9, 0.01), "vae": (83_653_863, 0)},
-    }  # t5-v1_1-xxl encoder, SD 2 text encoder and SD VAE exactly; CogVideoX-5b and zeroscope within 1%
+    }  # t5-v1_1-xxl encoder, SD 2 text encoder and SD VAE exactly; CogVideoX and zeroscope within 1%
     pipes = {}
     for model, components in expected.items():
+        dtype = gpu.checkpoint_of(model).cuda_dtype
         with tempfile.TemporaryDirectory() as workdir:
-            pipes[model] = gpu.BUILDERS[model](False, "meta", gpu.SPECS[model].cuda_dtype, Path(workdir))
+            pipes[model] = gpu.build(model, False, "meta", dtype, Path(workdir))
         for name, (count, rel) in components.items():
             module = getattr(pipes[model], name)
             assert sum(p.numel() for p in module.parameters()) == pytest.approx(count, rel=rel), name
-            assert {p.dtype for p in module.parameters()} == {gpu.SPECS[model].cuda_dtype}
+            assert {p.dtype for p in module.parameters()} == {dtype}
     transformer, unet = pipes["i2v"].transformer.config, pipes["v2v"].unet.config
     assert (transformer.num_layers, transformer.num_attention_heads, transformer.attention_head_dim) == (42, 48, 64)
     assert (transformer.sample_height, transformer.sample_width, transformer.in_channels) == (60, 90, 32)
+    assert transformer.use_learned_positional_embeddings and transformer.patch_size_t is None
+    v15 = pipes["i2v15"].transformer.config  # the hub's transformer/config.json values
+    assert (v15.num_layers, v15.num_attention_heads, v15.attention_head_dim, v15.text_embed_dim) == (42, 48, 64, 4096)
+    assert (v15.in_channels, v15.out_channels, v15.time_embed_dim, v15.ofs_embed_dim) == (32, 16, 512, 512)
+    assert (v15.patch_size, v15.patch_size_t, v15.patch_bias, v15.max_text_seq_length) == (2, 2, False, 226)
+    assert (v15.sample_height, v15.sample_width, v15.sample_frames) == (96, 170, 81)
+    assert v15.use_rotary_positional_embeddings and not v15.use_learned_positional_embeddings
+    assert pipes["i2v15"].vae.config.invert_scale_latents and not pipes["i2v"].vae.config.invert_scale_latents
     assert (unet.attention_head_dim, unet.cross_attention_dim, unet.block_out_channels) == (
         64,
         1024,

@@ -21,6 +21,7 @@ import pytest
 
 import downloads
 import weights
+from harness import serve_directory
 from weights import MARKER, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -465,3 +466,17 @@ def test_pget_failure_is_reported(fake_pget: Path, tmp_path: Path, monkeypatch: 
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
     assert_nothing_installed(tmp_path / "model")
+
+
+def test_served_directory_is_quiet_when_the_size_probe_hangs_up(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """script/demo serves its tiny weights with harness.serve_directory: the downloader's 1-byte size probe hangs up
+    mid-body, which must not print a traceback in the middle of a successful run."""
+    (tmp_path / "w.tar").write_bytes(make_tar())
+    server = serve_directory(tmp_path)
+    try:
+        download_weights(f"http://127.0.0.1:{server.server_port}/w.tar", tmp_path / "model")
+        time.sleep(0.2)  # the server thread notices the hang-up
+    finally:
+        server.shutdown()
+    assert_installed(tmp_path / "model", f"http://127.0.0.1:{server.server_port}/w.tar")
+    assert "Traceback" not in capfd.readouterr().err
