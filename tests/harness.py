@@ -63,7 +63,7 @@ class CogServer:
         self, module: str, weights_url: str, cache: Path, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
     ) -> None:
         """`env` adds to (or overrides) the server's environment; `cwd` is where it runs (and looks for .cog/)."""
-        self.port = free_port()
+        self.port, self.cache = free_port(), cache
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,

@@ -18,7 +18,9 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 import predict_i2v15
+import tiny_weights
 from conftest import assert_same_video, decode_data_url, load_predictor, read_mp4
+from fake_hub import FakeHub
 from harness import data_url
 from inputs import InputError
 from media import to_uint8
@@ -132,9 +134,12 @@ def test_frame_counts_of_5_and_10_seconds(i2v15: Any, num_frames: int) -> None:
     assert frames.shape == (num_frames, 80, 128, 3)
 
 
-def direct_pipeline_frames(predictor: Any, image: Image.Image, width: int, height: int, **settings: Any) -> Any:
-    """What diffusers generates from the predictor's components (its VAE tiling and widened rotary table)."""
-    pipe = CogVideoXImageToVideoPipeline(**predictor.pipe.components)
+def direct_pipeline_frames(
+    predictor: Any, image: Image.Image, width: int, height: int, pipe: Any = None, **settings: Any
+) -> Any:
+    """What diffusers generates from the predictor's components (its VAE tiling and widened rotary table), or from
+    `pipe`, with the predictor's sampler."""
+    pipe = pipe or CogVideoXImageToVideoPipeline(**predictor.pipe.components)
     pipe.scheduler = predictor.schedulers["cogvideox_ddim"]
     pipe.set_progress_bar_config(disable=True)
     return pipe(image=image, width=width, height=height, max_sequence_length=224, output_type="np",
@@ -180,10 +185,47 @@ def test_widened_rotary_table_leaves_landscape_unchanged(tiny_folders: dict[str,
     assert torch.equal(latents(), before)
 
 
+# --- LoRAs -------------------------------------------------------------------------------------------------------
+
+
+def test_lora_for_1_5_applies_exactly_and_a_1_0_lora_is_refused(
+    i2v15: Any, tiny_folders: dict[str, Path], hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same LoRA code as CogVideoX-5b-I2V: exact against diffusers' own loading. A LoRA whose model card names
+    a CogVideoX 1.0 model is refused (the two generations' layers have the same shapes: only its card can tell)."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    path = tiny_weights.build_lora(tiny_folders["i2v15"], tmp_path / "lora")
+    hub.add_repo("someone/lora-1.5", path.parent, card_data={"base_model": "THUDM/CogVideoX1.5-5B-I2V"})
+    hub.add_repo("someone/lora-1.0", path.parent, card_data={"base_model": "THUDM/CogVideoX-5b-I2V"})
+    image = photo(256, 160)
+    i2v15.loras.use("", 1.0)
+    without = i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5)
+    i2v15.loras.use("hf://someone/lora-1.5", 0.8)
+    got = i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5)
+    reference = CogVideoXImageToVideoPipeline.from_pretrained(tiny_folders["i2v15"], dtype=torch.float32)
+    reference.vae.enable_tiling()  # as the predictor
+    reference.transformer.register_to_config(sample_height=170, sample_width=170)
+    reference.load_lora_weights(path.parent, weight_name=path.name, adapter_name="reference")
+    reference.set_adapters(["reference"], [0.8])
+    np.testing.assert_array_equal(got, direct_pipeline_frames(i2v15, image, 256, 160, pipe=reference, **{
+        **SETTINGS, "negative_prompt": ""}))  # fmt: skip
+    assert np.abs(got - without).mean() > 1e-3
+    with pytest.raises(InputError) as error:
+        i2v15.loras.use("hf://someone/lora-1.0", 1.0)
+    assert str(error.value) == (
+        "Invalid input `lora_url`: this LoRA is for THUDM/CogVideoX-5b-I2V (its model card says so), "
+        "not CogVideoX1.5-5B-I2V."
+    )
+    i2v15.loras.use("", 1.0)
+    np.testing.assert_array_equal(
+        i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5), without
+    )
+
+
 # --- through the real Cog server ----------------------------------------------------------------------------------
 
 
-def test_server_portrait_prediction(cog_server: Any, tmp_path: Path) -> None:
+def test_server_portrait_prediction_failure_and_cancel(cog_server: Any, webhooks: Any, tmp_path: Path) -> None:
     server = cog_server("i2v15")
     assert server.status() == "READY"
     photo(720, 1280).save(tmp_path / "image.png")
@@ -199,3 +241,10 @@ def test_server_portrait_prediction(cog_server: Any, tmp_path: Path) -> None:
         "the other a multiple of 16 from 768 to 1360 (e.g. 1360x768, 768x1360, 1024x768, 768x768)."
     )
     server.wait_ready(10)
+
+    server.predict_async("to-cancel-15", webhooks.url, **{**inputs, "num_inference_steps": 100})
+    webhooks.wait_for("to-cancel-15", lambda s: "Denoising step 2/100" in (s.get("logs") or ""), 120)
+    server.cancel("to-cancel-15")
+    state = webhooks.wait_for("to-cancel-15", lambda s: s.get("status") in ("canceled", "failed", "succeeded"), 60)
+    assert state["status"] == "canceled" and "Denoising step 100/100" not in state["logs"]
+    server.wait_ready(30)

@@ -140,6 +140,26 @@ def test_lora_equals_diffusers_own_loading(
     assert np.abs(got - without).mean() > 1e-3  # the LoRA changes the video
 
 
+def test_lora_on_q_k_v_with_cpu_offload(
+    weights_urls: dict[str, str], reference: Any, loras: dict[str, Any], tmp_path: Path
+) -> None:
+    """Offload placement (what setup chooses on a GPU without room), emulated on the CPU: the same accelerate hooks
+    move each model to its device and back. A LoRA on to_q/to_k/to_v still applies exactly as diffusers says."""
+    predictor = load_predictor("i2v", weights_urls["i2v"], tmp_path / "cache")
+    pipe = predictor.pipe
+    pipe.enable_model_cpu_offload(device="cpu")
+    # load_lora_weights takes the hooks off and puts them back with enable_model_cpu_offload() and no device, which
+    # finds no accelerator on the CPU: give it the device a GPU machine would default to.
+    pipe.enable_model_cpu_offload = functools.partial(pipe.enable_model_cpu_offload, device="cpu")
+    url, path = loras["qkv"]
+    without = generate(predictor)
+    got = generate(predictor, url, 0.9)
+    assert pipe.transformer._hf_hook is not None  # still offloaded after loading the LoRA
+    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, 0.9))
+    assert np.abs(got - without).mean() > 1e-3
+    np.testing.assert_array_equal(generate(predictor), without)
+
+
 def test_no_lora_scale_zero_and_no_drift(predictor: Any, reference: Any, loras: dict[str, Any]) -> None:
     """Before any LoRA, after many, and at scale 0: the same video, bit for bit, as a pipeline that never saw one."""
     before = generate(predictor)
@@ -326,3 +346,34 @@ def test_server_lora_prediction_metrics_and_bad_lora(
     again = server.predict(**inputs)
     np.testing.assert_array_equal(read_mp4(decode_data_url(again["output"], tmp_path / "again.mp4"))[1],
                                   frames["plain"])  # fmt: skip
+
+
+def test_server_lora_download_cancelled_midway(
+    cog_server: Any, webhooks: Any, loras: dict[str, Any], files: Files, tmp_path: Path
+) -> None:
+    """Cancelled while the LoRA downloads: nothing half-written stays in the cache, the pipeline is as it was, and the
+    same LoRA works afterwards."""
+    server = cog_server("i2v")
+    image = tmp_path / "image.png"
+    IMAGE.save(image)
+    inputs = {"image": data_url(image), "prompt": PROMPT, "num_frames": 9, "num_inference_steps": 2, "seed": 11}
+    plain = read_mp4(decode_data_url(server.predict(**inputs)["output"], tmp_path / "plain.mp4"))[1]
+    url = files.add("slow.safetensors", loras["other"][1].read_bytes())
+    files.slow.add("/slow.safetensors")  # ~5 s for the whole file
+    server.predict_async("cancel-lora", webhooks.url, **inputs, lora_url=url)
+    deadline = time.monotonic() + 60
+    while files.gets.count("/slow.safetensors") < 2:  # the size probe, then the body (Cog's log webhooks lag)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # mid-download
+    server.cancel("cancel-lora")
+    state = webhooks.wait_for("cancel-lora", lambda s: s.get("status") in ("canceled", "failed", "succeeded"), 30)
+    assert state["status"] == "canceled", state
+    server.wait_ready(10)
+    loras_dir = server.cache / "loras"
+    assert not [p.name for p in loras_dir.iterdir() if not p.name.endswith(".lock")], "a partial LoRA was kept"
+    again = server.predict(**inputs)
+    np.testing.assert_array_equal(read_mp4(decode_data_url(again["output"], tmp_path / "again.mp4"))[1], plain)
+    files.slow.clear()
+    with_lora = server.predict(**inputs, lora_url=url)
+    assert with_lora["status"] == "succeeded" and with_lora["metrics"]["lora"]["cached"] == 0.0
