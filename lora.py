@@ -99,9 +99,13 @@ class Loras:
     def _load(self, path: Path, name: str, source: str) -> None:
         """Check the file against the transformer, then load it as adapter ``name``; roll back on any failure."""
         start = time.perf_counter()
-        state, metadata = _read(path)
-        self._check_base_model(next((v for k, v in metadata.items() if "base_model" in k), None), "its metadata")
-        self._check_layers(state)
+        try:
+            state, metadata = _read(path)
+            self._check_base_model(next((v for k, v in metadata.items() if "base_model" in k), None), "its metadata")
+            self._check_layers(state)
+        except InputError:
+            path.unlink()  # not kept: the same URL may serve a good file later
+            raise
         try:
             with warnings.catch_warnings():  # peft warns of several adapters in one model: that is the point here
                 warnings.filterwarnings("ignore", "Already found a `peft_config` attribute", UserWarning)

@@ -5,6 +5,7 @@ served from 127.0.0.1, as files and as hub repos."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import threading
 import time
@@ -248,6 +249,8 @@ def test_bad_files_are_refused_and_change_nothing(
         generate(predictor, url)
     assert str(error.value).startswith("Invalid input `lora_url`: ") and message in str(error.value)
     assert set(getattr(predictor.pipe.transformer, "peft_config", {})) == adapters
+    name = f"lora_{hashlib.sha256(url.encode()).hexdigest()[:16]}.safetensors"
+    assert not (lora.cache_dir() / "loras" / name).exists()  # a refused file is not kept
     np.testing.assert_array_equal(generate(predictor), before)
 
 
@@ -370,8 +373,9 @@ def test_server_lora_download_cancelled_midway(
     state = webhooks.wait_for("cancel-lora", lambda s: s.get("status") in ("canceled", "failed", "succeeded"), 30)
     assert state["status"] == "canceled", state
     server.wait_ready(10)
-    loras_dir = server.cache / "loras"
-    assert not [p.name for p in loras_dir.iterdir() if not p.name.endswith(".lock")], "a partial LoRA was kept"
+    kept = [p.name for p in (server.cache / "loras").iterdir() if not p.name.endswith(".lock")]
+    assert not [name for name in kept if name.startswith(".")], kept  # no temporary download left behind
+    assert f"lora_{hashlib.sha256(url.encode()).hexdigest()[:16]}.safetensors" not in kept  # nor a partial file
     again = server.predict(**inputs)
     np.testing.assert_array_equal(read_mp4(decode_data_url(again["output"], tmp_path / "again.mp4"))[1], plain)
     files.slow.clear()
