@@ -13,11 +13,12 @@ import logging
 import os
 import posixpath
 import shutil
+import stat
 import subprocess
 import tarfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -45,10 +46,13 @@ class _Retryable(Exception):
 
 def fetch_tar(url: str, dest: Path) -> int | None:
     """Extract the tar at ``url`` into the new folder ``dest``; return the bytes received (None: pget didn't say)."""
+    received = None
     if shutil.which("pget"):
         _tar_pget(url, dest)
-        return None
-    return _tar_httpx(url, dest)
+    else:
+        received = _tar_httpx(url, dest)
+    _check_tree(dest)
+    return received
 
 
 def fetch_file(url: str, dest: Path, max_bytes: int) -> int:
@@ -311,3 +315,25 @@ def _checked(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 def _escapes(path: str) -> bool:
     norm = posixpath.normpath(path)
     return norm.startswith("/") or norm == ".." or norm.startswith("../")
+
+
+def _check_tree(root: Path) -> None:
+    """Reject links leaving ``root`` and special files (what pget extracted passed none of our member checks)."""
+    real_root = root.resolve()
+    seen: Counter[int] = Counter()
+    nlinks: dict[int, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                if not path.resolve().is_relative_to(real_root):
+                    raise _unsafe("symlink pointing outside the archive", path.relative_to(root))
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    seen[st.st_ino] += 1
+                    nlinks[st.st_ino] = st.st_nlink
+            elif not stat.S_ISDIR(st.st_mode):
+                raise _unsafe("device, fifo or socket", path.relative_to(root))
+    if any(seen[ino] < nlinks[ino] for ino in seen):
+        raise _unsafe("hard link to a file outside the archive", root.name)

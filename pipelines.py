@@ -66,7 +66,7 @@ class _LoadReports(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # transformers colours its report
         if any(sign in message.lower() for sign in self.SIGNS):
-            self.reports.append(" ".join(message.split()))
+            self.reports.append(message)
 
 
 @contextmanager
@@ -81,15 +81,20 @@ def strict_loading(source: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # OSError, UnpicklingError, ValueError...: setup fails either way, say why in one line
-        detail = " ".join(str(error).split())[:400]
-        raise WeightsError(f"The weights in {source} could not be loaded: {type(error).__name__}: {detail}") from error
+        raise WeightsError(
+            f"The weights in {source} could not be loaded: {type(error).__name__}: {_one_line(str(error))}"
+        ) from error
     finally:
         for each in loggers:
             each.removeHandler(handler)
     if handler.reports:
-        report = handler.reports[0]
-        report = report if len(report) <= 400 else report[:400] + " ..."
-        raise WeightsError(f"The weights in {source} do not match the model: {report}")
+        raise WeightsError(f"The weights in {source} do not match the model: {_one_line(handler.reports[0])}")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """A library's multi-line message (a load report table, a traceback-like error) as one line of at most ~limit."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def place_pipeline(pipe: Any, device: str, resident_gib: float, vae_tiling: bool = False) -> str:

@@ -22,9 +22,7 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -342,24 +340,26 @@ def _components(root: Path) -> dict[str, tuple[str | None, str]]:
 
 
 def _check_folder(root: Path) -> tuple[int, int]:
-    """Normalise model_index.json and check every component's files and the tree's safety: (files, bytes)."""
-    components = _components(root)
-    _normalise_index(root, components)
+    """Normalise model_index.json and check every component's files: (files, bytes)."""
+    components = _normalise_index(root)
     for name, (library, cls) in components.items():
         if not (root / name).is_dir():
             raise WeightsError(f"the snapshot is incomplete: the folder {name}/ is missing")
         if missing := _missing_file(root / name, library, cls):
             raise WeightsError(f"the snapshot is incomplete: {name}/{missing}")
-    return _check_tree(root)
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    return len(files), sum(p.stat().st_size for p in files)
 
 
-def _normalise_index(root: Path, components: dict[str, tuple[str | None, str]]) -> None:
+def _normalise_index(root: Path) -> dict[str, tuple[str | None, str]]:
     """Rewrite entries whose library diffusers cannot import (the hub's zeroscope names `models.unet_3d_condition`,
-    some repos null) to the package that defines the class: diffusers 0.42 refuses them otherwise."""
+    some repos null) to the package that defines the class: diffusers 0.42 refuses them otherwise. Returns the
+    components as they are now (see _components)."""
+    components = _components(root)
     path = root / "model_index.json"
     index = json.loads(path.read_text())
     changed = False
-    for name, (library, cls) in components.items():
+    for name, (library, cls) in list(components.items()):
         if library and library.isidentifier() and importlib.util.find_spec(library):
             continue
         package = _defining_package(cls)
@@ -372,6 +372,7 @@ def _normalise_index(root: Path, components: dict[str, tuple[str | None, str]]) 
         changed = True
     if changed:
         path.write_text(json.dumps(index, indent=2) + "\n")
+    return components
 
 
 def _defining_package(cls: str) -> str | None:
@@ -413,32 +414,3 @@ def _missing_file(folder: Path, library: str | None, cls: str) -> str | None:
             return f"{absent[0]} is missing (named in {index.name})" if absent or not shards else None
     expected = " or ".join(_WEIGHT_FILES.get(library or "", ("weights",)))
     return f"its weights are missing ({expected}, or a sharded index)"
-
-
-def _check_tree(root: Path) -> tuple[int, int]:
-    """Reject links leaving ``root`` and special files; return (regular files, their bytes)."""
-    real_root = root.resolve()
-    files = size = 0
-    seen: Counter[int] = Counter()
-    nlinks: dict[int, int] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                if not path.resolve().is_relative_to(real_root):
-                    raise _unsafe("symlink pointing outside the archive", path.relative_to(root))
-            elif stat.S_ISREG(st.st_mode):
-                files, size = files + 1, size + st.st_size
-                if st.st_nlink > 1:
-                    seen[st.st_ino] += 1
-                    nlinks[st.st_ino] = st.st_nlink
-            elif not stat.S_ISDIR(st.st_mode):
-                raise _unsafe("device, fifo or socket", path.relative_to(root))
-    if any(seen[ino] < nlinks[ino] for ino in seen):
-        raise _unsafe("hard link to a file outside the archive", root.name)
-    return files, size
-
-
-def _unsafe(problem: str, name: object) -> WeightsError:
-    return WeightsError(f"the archive is unsafe: {problem} ({str(name)!r})")
