@@ -14,6 +14,7 @@ from cog import BaseRunner
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
+import cog_compat
 from lora import Loras
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, record_metric
@@ -27,6 +28,7 @@ class CogVideoXPredictor(BaseRunner):
 
     def setup(self) -> None:
         """Fetch the weights if the cache lacks them and load the pipeline, its samplers and the LoRA slots."""
+        cog_compat.install()
         self.pipe, self.setup_timings = load_pipeline(self.checkpoint)
         # As the official CLI: "trailing" timestep spacing (which the hub's scheduler configs also give).
         self.schedulers = {
@@ -38,12 +40,24 @@ class CogVideoXPredictor(BaseRunner):
     def warm_up(self, width: int, height: int, num_frames: int) -> None:
         """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up."""
         start = time.perf_counter()
-        self.generate(Image.new("RGB", (width, height)), "", "", width, height, num_frames, 1, 6.0, False,
-                      "cogvideox_dpm", 0)  # fmt: skip
+        self.generate(
+            image=Image.new("RGB", (width, height)),
+            prompt="",
+            negative_prompt="",
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            num_inference_steps=1,
+            guidance_scale=6.0,
+            use_dynamic_cfg=False,
+            scheduler="cogvideox_dpm",
+            seed=0,
+        )
         self.setup_timings["warmup_s"] = time.perf_counter() - start
 
     def generate(
         self,
+        *,
         image: Image.Image,
         prompt: str,
         negative_prompt: str,

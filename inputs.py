@@ -1,27 +1,21 @@
-"""Inputs: validation against the Input() declarations (one place for every predictor), seeds, input files."""
+"""Inputs: validation against the Input() declarations (one place for every predictor), and seeds."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import pathlib
 import random
-import shutil
-import tempfile
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from cog import Path
 from cog.input import FieldInfo
-from cog.types import URLPath
 
-logger = logging.getLogger("predict")
-
-
-class InputError(ValueError):
-    """A bad input: the message names the input and what is allowed, and is shown to the user as is."""
+from cog_compat import remove_stale_inputs
+from errors import InputError
+from reporting import logger
 
 
 def _check(name: str, value: Any, field: FieldInfo, hint: Any) -> Any:
@@ -63,7 +57,7 @@ def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
     The Input() declarations are the single source of truth. Without an OpenAPI schema (a server started without
     `cog build`) Cog checks nothing and passes the Input() objects for inputs not given: every check and default
     happens here. With one, Cog rejects wrong types and out-of-range values itself (HTTP 422, its own wording)
-    before this runs. Before the run it also deletes input downloads earlier predictions left behind.
+    before this runs. Before the run it also deletes input downloads earlier predictions left behind (cog_compat).
     """
     params = list(inspect.signature(run).parameters.values())[1:]
     hints = typing.get_type_hints(run)
@@ -75,7 +69,7 @@ def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
             allowed = ", ".join(p.name for p in params)
             raise InputError(f"Unknown input `{unknown[0]}`: allowed inputs are {allowed}.")
         values = {p.name: _check(p.name, kwargs.get(p.name, p.default), p.default, hints[p.name]) for p in params}
-        _remove_stale_inputs(keep=values.values())
+        remove_stale_inputs(keep=values.values())
         return run(self, **values)
 
     return wrapper
@@ -87,37 +81,3 @@ def resolve_seed(seed: int | None) -> int:
         seed = random.SystemRandom().randint(0, 2**32 - 1)
     logger.info("Using seed: %d", seed)
     return seed
-
-
-_INPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-inputs-"))
-
-
-def _download_input(self: URLPath) -> pathlib.Path:
-    """Cog's URLPath.convert (cog 0.23.1) downloading into _INPUT_DIR, and removing the file if the download fails.
-
-    Cog's own leaves its temp file behind when a download fails (a 404 leaves an empty file) and when the prediction
-    is cancelled during the download (the file is complete but Cog no longer deletes it). The first is handled here,
-    the second by _remove_stale_inputs() at the next prediction.
-    """
-    if self._path is None:
-        with tempfile.NamedTemporaryFile(suffix=self.filename, dir=_INPUT_DIR, delete=False) as dest:
-            try:
-                shutil.copyfileobj(self.fileobj, dest)
-            except BaseException:
-                pathlib.Path(dest.name).unlink()
-                raise
-        self._path = Path(dest.name)
-    return self._path
-
-
-URLPath.convert = _download_input
-
-
-def _remove_stale_inputs(keep: Iterable[Any]) -> None:
-    """Delete the downloads earlier predictions left behind: all in _INPUT_DIR but this prediction's own inputs.
-
-    Safe because a sync run() serves one prediction at a time.
-    """
-    for path in _INPUT_DIR.iterdir():
-        if path not in keep:
-            path.unlink(missing_ok=True)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from inputs import InputError
+from errors import InputError, WeightsError
 from reporting import logger, record_metric
-from weights import Source, WeightsError, cache_dir, fetch_file, hub_base_model
+from weights import Source, cache_dir, fetch_file, hub_base_model
 
 MAX_FILE_BYTES = 2 * 10**9  # a rank-128 LoRA on every linear layer of a 5B transformer is ~1.4 GB in float32
 CACHE_BYTES = 20 * 10**9  # the LoRA files kept on disk, least recently used deleted first

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -11,15 +11,13 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from inputs import InputError
-
-logger = logging.getLogger("predict")
+from errors import InputError
+from reporting import logger
 
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger files are refused before they are decoded
 MAX_VIDEO_SECONDS = 600
 MAX_VIDEO_SIDE = 8192
 DECODE_MAX_SIDE = 2048  # videos are scaled down to this while decoding, before the model's own resize
-_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="predict-output-"))
 
 
 def load_image(path: Path, name: str = "image") -> Image.Image:
@@ -158,6 +156,12 @@ def write_mp4(frames: np.ndarray, fps: float, path: Path) -> Path:
 
 def output_path(name: str = "output.mp4") -> Path:
     """The output file: one per process, overwritten by each prediction, so outputs never pile up on disk."""
-    path = _OUTPUT_DIR / name
+    path = _output_dir() / name
     path.unlink(missing_ok=True)
     return path
+
+
+@functools.cache
+def _output_dir() -> Path:
+    """This process's output folder, made at the first prediction's encode."""
+    return Path(tempfile.mkdtemp(prefix="predict-output-"))

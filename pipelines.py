@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from errors import WeightsError
 from reporting import configure_logging, logger
-from weights import WeightsError, cache_dir, fetch_weights
+from weights import cache_dir, fetch_weights
 
 
 @dataclass(frozen=True)

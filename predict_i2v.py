@@ -86,8 +86,17 @@ class Predictor(CogVideoXPredictor):
         self.loras.use(lora_url, lora_scale)
         with phase("inference"):
             frames = self.generate(
-                image, prompt, negative_prompt, self.width, self.height, num_frames, num_inference_steps,
-                guidance_scale, use_dynamic_cfg, scheduler, seed,
-            )  # fmt: skip
+                image=image,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=self.width,
+                height=self.height,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                use_dynamic_cfg=use_dynamic_cfg,
+                scheduler=scheduler,
+                seed=seed,
+            )
         with phase("encode"):
             return write_mp4(frames, fps, output_path())

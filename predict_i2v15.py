@@ -8,7 +8,8 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from cogvideox import CogVideoXPredictor
-from inputs import InputError, resolve_seed, validate_inputs
+from errors import InputError
+from inputs import resolve_seed, validate_inputs
 from media import fit_image, load_image, output_path, write_mp4
 from pipelines import Checkpoint
 from reporting import phase, record_setup_metrics
@@ -109,9 +110,18 @@ class Predictor(CogVideoXPredictor):
         self.loras.use(lora_url, lora_scale)
         with phase("inference"):
             frames = self.generate(
-                image, prompt, negative_prompt, width, height, num_frames, num_inference_steps, guidance_scale,
-                use_dynamic_cfg, scheduler, seed,
-            )  # fmt: skip
+                image=image,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                use_dynamic_cfg=use_dynamic_cfg,
+                scheduler=scheduler,
+                seed=seed,
+            )
         with phase("encode"):
             return write_mp4(frames, fps, output_path())
 

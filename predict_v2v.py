@@ -10,7 +10,9 @@ from cog import BaseRunner, Input, Path
 from diffusers import DPMSolverMultistepScheduler, VideoToVideoSDPipeline
 from PIL import Image
 
-from inputs import InputError, resolve_seed, validate_inputs
+import cog_compat
+from errors import InputError
+from inputs import resolve_seed, validate_inputs
 from media import fit_image, output_path, read_video, write_mp4
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, phase, record_metric, record_setup_metrics
@@ -28,11 +30,20 @@ CHECKPOINT = Checkpoint(
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Fetch the weights if the cache lacks them, load the pipeline and run one warm-up step."""
+        cog_compat.install()
         self.pipe, self.setup_timings = load_pipeline(CHECKPOINT)
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         start = time.perf_counter()
-        self.generate([Image.new("RGB", (64, 64))] * 2, "", "", 1.0, 1, 1.0, 0)
+        self.generate(
+            frames=[Image.new("RGB", (64, 64))] * 2,
+            prompt="",
+            negative_prompt="",
+            strength=1.0,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            seed=0,
+        )
         self.setup_timings["warmup_s"] = time.perf_counter() - start
 
     @validate_inputs
@@ -101,12 +112,21 @@ class Predictor(BaseRunner):
             frames = [fit_image(frame, width, height, sizing_strategy) for frame in frames]
         seed = resolve_seed(seed)
         with phase("inference"):
-            output = self.generate(frames, prompt, negative_prompt, strength, num_inference_steps, guidance_scale, seed)
+            output = self.generate(
+                frames=frames,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                strength=strength,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+            )
         with phase("encode"):
             return write_mp4(output, fps or input_fps, output_path())
 
     def generate(
         self,
+        *,
         frames: list[Image.Image],
         prompt: str,
         negative_prompt: str,

@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 
 import downloads
 from downloads import RETRIES, DownloadError
+from errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ _WEIGHT_FILES = {  # a model component's weights, by library: single file, shard
     "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "transformers": ("model.safetensors", "pytorch_model.bin"),
 }
-
-
-class WeightsError(RuntimeError):
-    """The weights could not be fetched, or what was fetched is not a usable diffusers folder."""
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,19 @@ def step_inputs(predictor: Any, frames: int) -> tuple[tuple, dict]:
     image = Image.new("RGB", (predictor.width, predictor.height), (90, 140, 200))
     handle = predictor.pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        predictor.generate(image, PROMPT, "", predictor.width, predictor.height, frames, 50, 6.0, True,
-                           "cogvideox_dpm", SEED)  # fmt: skip
+        predictor.generate(
+            image=image,
+            prompt=PROMPT,
+            negative_prompt="",
+            width=predictor.width,
+            height=predictor.height,
+            num_frames=frames,
+            num_inference_steps=50,
+            guidance_scale=6.0,
+            use_dynamic_cfg=True,
+            scheduler="cogvideox_dpm",
+            seed=SEED,
+        )
     except _Stop:
         pass
     finally:

@@ -53,17 +53,17 @@ class StallingFrames(np.ndarray):
 class FaultsMixin:
     pipe: Any
 
-    def generate(self, source: Any, prompt: str, *args: Any) -> np.ndarray:
+    def generate(self, *, prompt: str, **settings: Any) -> np.ndarray:
         if prompt == OOM:
             held = torch.ones(OOM_ALLOCATION_BYTES // 4)  # noqa: F841 - memory a failed CUDA step would hold
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
         if prompt == STALL_TEXT:
             self.pipe.encode_prompt = lambda *a, **k: stall("text encoding")  # shadows the method on this instance
             try:
-                return super().generate(source, prompt, *args)  # type: ignore[misc]
+                return super().generate(prompt=prompt, **settings)  # type: ignore[misc]
             finally:
                 del self.pipe.encode_prompt
-        frames = super().generate(source, "" if prompt == STALL_ENCODE else prompt, *args)  # type: ignore[misc]
+        frames = super().generate(prompt="" if prompt == STALL_ENCODE else prompt, **settings)  # type: ignore[misc]
         return frames.view(StallingFrames) if prompt == STALL_ENCODE else frames
 
 

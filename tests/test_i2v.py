@@ -13,8 +13,8 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from conftest import assert_same_video, decode_data_url, load_predictor, read_mp4
+from errors import InputError
 from harness import data_url
-from inputs import InputError
 from media import to_uint8
 
 PROMPT = "a red boat sails across a calm lake"
@@ -60,7 +60,7 @@ def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, 
     # The predictor's stretch resizes with LANCZOS: the same input, so frames equal to the last bit.
     image = Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)
     expected = direct_pipeline_frames(i2v, image, 42, scheduler=scheduler, **settings)
-    generated = i2v.generate(image, PROMPT, "blurry", 96, 64, 9, 3, 6.0, True, scheduler, 42)
+    generated = i2v.generate(image=image, width=96, height=64, scheduler=scheduler, seed=42, **settings)
     np.testing.assert_array_equal(generated, expected)
     meta, frames = read_mp4(output)
     assert frames.shape == expected.shape == (9, 64, 96, 3)

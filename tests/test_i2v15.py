@@ -20,9 +20,9 @@ from PIL import Image
 import predict_i2v15
 import tiny_weights
 from conftest import assert_same_video, decode_data_url, load_predictor, read_mp4
+from errors import InputError
 from fake_hub import FakeHub
 from harness import data_url
-from inputs import InputError
 from media import to_uint8
 from predict_i2v15 import output_size
 
@@ -130,7 +130,19 @@ def test_sizes_frames_and_fps(i2v15: Any, tmp_path: Path, image: tuple, inputs: 
 
 @pytest.mark.parametrize("num_frames", [81, 161])
 def test_frame_counts_of_5_and_10_seconds(i2v15: Any, num_frames: int) -> None:
-    frames = i2v15.generate(photo(128, 80), PROMPT, "", 128, 80, num_frames, 1, 6.0, True, "cogvideox_dpm", 0)
+    frames = i2v15.generate(
+        image=photo(128, 80),
+        prompt=PROMPT,
+        negative_prompt="",
+        width=128,
+        height=80,
+        num_frames=num_frames,
+        num_inference_steps=1,
+        guidance_scale=6.0,
+        use_dynamic_cfg=True,
+        scheduler="cogvideox_dpm",
+        seed=0,
+    )
     assert frames.shape == (num_frames, 80, 128, 3)
 
 
@@ -154,7 +166,7 @@ def test_output_equals_the_pipeline_called_directly(i2v15: Any, tmp_path: Path) 
     """Bit for bit at a small size (the generation does not depend on it); and a portrait MP4 holds what diffusers
     generates at that size."""
     image = photo(256, 160)
-    generated = i2v15.generate(image, PROMPT, "blurry", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5)
+    generated = i2v15.generate(image=image, width=256, height=160, scheduler="cogvideox_ddim", seed=5, **SETTINGS)
     np.testing.assert_array_equal(generated, direct_pipeline_frames(i2v15, image, 256, 160, **SETTINGS))
 
     photo(1080, 1920).save(tmp_path / "image.png")
@@ -185,6 +197,13 @@ def test_widened_rotary_table_leaves_landscape_unchanged(tiny_folders: dict[str,
     assert torch.equal(latents(), before)
 
 
+def generate_small(predictor: Any, image: Image.Image) -> Any:
+    """SETTINGS at 256x160 without a negative prompt, seed 5."""
+    return predictor.generate(
+        image=image, width=256, height=160, scheduler="cogvideox_ddim", seed=5, **{**SETTINGS, "negative_prompt": ""}
+    )
+
+
 # --- LoRAs -------------------------------------------------------------------------------------------------------
 
 
@@ -199,9 +218,9 @@ def test_lora_for_1_5_applies_exactly_and_a_1_0_lora_is_refused(
     hub.add_repo("someone/lora-1.0", path.parent, card_data={"base_model": "THUDM/CogVideoX-5b-I2V"})
     image = photo(256, 160)
     i2v15.loras.use("", 1.0)
-    without = i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5)
+    without = generate_small(i2v15, image)
     i2v15.loras.use("hf://someone/lora-1.5", 0.8)
-    got = i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5)
+    got = generate_small(i2v15, image)
     reference = CogVideoXImageToVideoPipeline.from_pretrained(tiny_folders["i2v15"], dtype=torch.float32)
     reference.vae.enable_tiling()  # as the predictor
     reference.transformer.register_to_config(sample_height=170, sample_width=170)
@@ -217,9 +236,7 @@ def test_lora_for_1_5_applies_exactly_and_a_1_0_lora_is_refused(
         "not CogVideoX1.5-5B-I2V."
     )
     i2v15.loras.use("", 1.0)
-    np.testing.assert_array_equal(
-        i2v15.generate(image, PROMPT, "", 256, 160, 17, 2, 6.0, True, "cogvideox_ddim", 5), without
-    )
+    np.testing.assert_array_equal(generate_small(i2v15, image), without)
 
 
 # --- through the real Cog server ----------------------------------------------------------------------------------

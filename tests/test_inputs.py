@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from cog import Input, Path
 
-from inputs import InputError, resolve_seed, validate_inputs
+from errors import InputError
+from inputs import resolve_seed, validate_inputs
 from media import output_path
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Highest first. The predictors are the top: nothing imports them.
-LAYERS = ["cogvideox", "lora", "pipelines", "weights", "downloads", "media", "inputs", "reporting"]
+LAYERS = [
+    "cogvideox", "lora", "pipelines", "weights", "downloads", "media", "inputs", "reporting", "cog_compat", "errors",
+]  # fmt: skip
 
 
 def project_imports(path: Path) -> set[str]:
@@ -31,3 +36,21 @@ def test_modules_import_only_lower_layers() -> None:
         assert not reaching_up, f"{name}.py imports {sorted(reaching_up)}, which are not below it"
     for predictor in ROOT.glob("predict_*.py"):
         assert project_imports(predictor) <= set(LAYERS), predictor.name
+
+
+def test_importing_shared_modules_changes_neither_cog_nor_the_file_system(tmp_path: Path) -> None:
+    """Patches and temporary folders happen in a predictor's setup(), never on import."""
+    script = f"""
+import cog.types, tempfile
+original = cog.types.URLPath.convert
+for name in {LAYERS!r}:
+    __import__(name)
+assert cog.types.URLPath.convert is original, "a module patched Cog on import"
+import cog_compat
+cog_compat.install()
+assert cog.types.URLPath.convert is not original
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
+    made = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache
+    assert len(made) == 1 and made[0].startswith("predict-inputs-"), made  # only install() made a folder

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 import lora
 import tiny_weights
 from conftest import decode_data_url, load_predictor, read_mp4
+from errors import InputError
 from fake_hub import FakeHub
 from harness import data_url
-from inputs import InputError
 
 PROMPT = "a red boat sails across a calm lake"
 IMAGE = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
@@ -109,7 +109,9 @@ def reference(tiny_folders: dict[str, Path]) -> Any:
 
 def generate(predictor: Any, url: str = "", scale: float = 1.0, seed: int = 3) -> np.ndarray:
     predictor.loras.use(url, scale)
-    return predictor.generate(IMAGE, PROMPT, "", **SETTINGS, scheduler="cogvideox_dpm", seed=seed)
+    return predictor.generate(
+        image=IMAGE, prompt=PROMPT, negative_prompt="", **SETTINGS, scheduler="cogvideox_dpm", seed=seed
+    )
 
 
 def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, scale: float = 1.0, seed: int = 3) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import ffmpeg, gradient_frames, read_mp4, rotate_video, write_video
-from inputs import InputError
+from errors import InputError
 from media import fit_image, load_image, read_video, write_mp4
 
 

@@ -12,8 +12,8 @@ from diffusers import VideoToVideoSDPipeline
 from PIL import Image
 
 from conftest import assert_same_video, decode_data_url, gradient_frames, read_mp4, rotate_video, write_video
+from errors import InputError
 from harness import data_url
-from inputs import InputError
 from media import fit_image, read_video, to_uint8
 
 PROMPT = "a sailing boat, highly detailed"
@@ -37,7 +37,15 @@ def test_output_equals_the_pipeline_called_directly(v2v: Any, clip: Path) -> Non
         negative_prompt="blurry", generator=torch.Generator("cpu").manual_seed(5), output_type="np",
     ).frames[0]  # fmt: skip
 
-    generated = v2v.generate(frames, PROMPT, "blurry", 0.5, 4, 9.0, 5)
+    generated = v2v.generate(
+        frames=frames,
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=9.0,
+        seed=5,
+    )
     np.testing.assert_array_equal(generated, expected)
     meta, decoded = read_mp4(output)
     assert decoded.shape == (6, 72, 128, 3) and meta["fps"] == 12

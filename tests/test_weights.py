@@ -21,8 +21,9 @@ import pytest
 
 import downloads
 import weights
+from errors import WeightsError
 from harness import serve_directory
-from weights import MARKER, WeightsError
+from weights import MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 

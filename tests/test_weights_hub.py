@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 import tiny_weights
 import weights
 from conftest import HUB_REPOS, MODULES
+from errors import WeightsError
 from fake_hub import FakeHub
 from harness import ROOT
 from pipelines import load_pipeline
-from weights import MARKER, WeightsError, fetch_weights
+from weights import MARKER, fetch_weights
 
 VARIABLE = "TEST_WEIGHTS_URL"
 
