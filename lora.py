@@ -91,8 +91,9 @@ class Loras:
         record_metric("lora.download_s", metrics["download_s"])
         record_metric("lora.cached", metrics["cached"])
         if not metrics["cached"]:
-            logger.info("Downloaded LoRA %s: %.1f MB in %.1f s", source.text, metrics["bytes"] / 1e6,
-                        metrics["download_s"])  # fmt: skip
+            logger.info(
+                "Downloaded LoRA %s: %.1f MB in %.1f s", source.text, metrics["bytes"] / 1e6, metrics["download_s"]
+            )
             _evict(folder, keep=path)
         return path
 
@@ -129,8 +130,9 @@ class Loras:
         """Refuse a LoRA stated to be for the other CogVideoX generation (1.0 vs 1.5): the shapes of their attention
         layers are the same, so only what its card or file says can tell."""
         if base_model and "cogvideox" in base_model.lower() and ("1.5" in base_model) != ("1.5" in self.model):
-            raise InputError(f"Invalid input `lora_url`: this LoRA is for {base_model} ({where} says so), "
-                             f"not {self.model}.")  # fmt: skip
+            raise InputError(
+                f"Invalid input `lora_url`: this LoRA is for {base_model} ({where} says so), not {self.model}."
+            )
 
     def _check_layers(self, state: dict[str, torch.Tensor]) -> None:
         """Refuse a LoRA for another model before anything is loaded: each of its tensors must be the lora_A (rank x
@@ -145,8 +147,10 @@ class Loras:
             rank = tensor.shape[0] if part == "A.weight" else tensor.shape[1]
             expected = (rank, layer.in_features) if part == "A.weight" else (layer.out_features, rank)
             if tuple(tensor.shape) != expected:
-                problems.append(f"{layer_name} is {layer.out_features}x{layer.in_features}, its lora_{part[0]} is "
-                                f"{tensor.shape[0]}x{tensor.shape[1]}: a LoRA for another model size?")  # fmt: skip
+                problems.append(
+                    f"{layer_name} is {layer.out_features}x{layer.in_features}, its lora_{part[0]} is "
+                    f"{tensor.shape[0]}x{tensor.shape[1]}: a LoRA for another model size?"
+                )
             elif not torch.isfinite(tensor).all():
                 problems.append(f"its lora_{part[0]} of {layer_name} holds NaN or infinite values")
             ranks.setdefault(layer_name, []).append(rank)
@@ -157,10 +161,15 @@ class Loras:
                 f"none of its {len(state)} tensors is a transformer.<layer>.lora_A/B.weight{example}."
             )
         if unknown:
-            raise InputError(f"Invalid input `lora_url`: {len(unknown)} of its {len(state)} tensors name no layer "
-                             f"of the {self.model} transformer (e.g. {unknown[0]}).")  # fmt: skip
-        problems += [f"{name} has {'only one of lora_A and lora_B' if len(r) == 1 else 'two ranks'}"
-                     for name, r in ranks.items() if len(r) != 2 or r[0] != r[1]]  # fmt: skip
+            raise InputError(
+                f"Invalid input `lora_url`: {len(unknown)} of its {len(state)} tensors name no layer "
+                f"of the {self.model} transformer (e.g. {unknown[0]})."
+            )
+        problems += [
+            f"{name} has {'only one of lora_A and lora_B' if len(r) == 1 else 'two ranks'}"
+            for name, r in ranks.items()
+            if len(r) != 2 or r[0] != r[1]
+        ]
         if problems:
             raise InputError(f"Invalid input `lora_url`: {problems[0]}.")
 

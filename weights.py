@@ -105,8 +105,15 @@ def fetch_weights(source: str, dest: Path, variable: str) -> dict[str, float]:
             _replace(dest, root, info)
     seconds = time.monotonic() - start
     rate = nbytes / 1e6 / seconds if seconds > 0 else 0.0
-    log.info("Installed %s into %s: %.1f MB, %d files in %.1f s (%.1f MB/s)", source, dest, nbytes / 1e6, files,
-             seconds, rate)  # fmt: skip
+    log.info(
+        "Installed %s into %s: %.1f MB, %d files in %.1f s (%.1f MB/s)",
+        source,
+        dest,
+        nbytes / 1e6,
+        files,
+        seconds,
+        rate,
+    )
     return {"download_s": seconds, "bytes": float(nbytes), "mb_per_s": rate, "cached": 0.0}
 
 
@@ -217,14 +224,23 @@ def _hub_snapshot(source: Source, tmp: Path) -> str:
     _hub_call(source, lambda: api.hf_hub_download(source.repo, "model_index.json", revision=info.sha, local_dir=tmp))
     folders = list(_components(tmp))
     wanted = sorted(name for name in listed if name == "model_index.json" or name.split("/")[0] in folders)
-    log.info("Downloading %s at %s: model_index.json and %s (%d files)", source.repo, info.sha, ", ".join(folders),
-             len(wanted))  # fmt: skip
+    log.info(
+        "Downloading %s at %s: model_index.json and %s (%d files)",
+        source.repo,
+        info.sha,
+        ", ".join(folders),
+        len(wanted),
+    )
 
     def download() -> None:
         api.snapshot_download(
-            source.repo, revision=info.sha, allow_patterns=["model_index.json", *(f"{f}/*" for f in folders)],
-            local_dir=tmp, cache_dir=tmp / ".cache" / "hub", max_workers=HUB_WORKERS,
-        )  # fmt: skip
+            source.repo,
+            revision=info.sha,
+            allow_patterns=["model_index.json", *(f"{f}/*" for f in folders)],
+            local_dir=tmp,
+            cache_dir=tmp / ".cache" / "hub",
+            max_workers=HUB_WORKERS,
+        )
         missing = [name for name in wanted if not (tmp / name).is_file()]
         if missing:
             raise _Incomplete(f"{len(missing)} of {len(wanted)} files did not arrive (e.g. {missing[0]})")
@@ -244,16 +260,20 @@ def _hub_file(source: Source, dest: Path, max_bytes: int, suffix: str) -> int:
         candidates = sorted(f for f in sizes if f.endswith(suffix))
         if len(candidates) != 1:
             found = ", ".join(candidates) if candidates else "none"
-            raise WeightsError(f"{source.repo} must hold exactly one {suffix} file, or the URL must name one "
-                               f"(found: {found})")  # fmt: skip
+            raise WeightsError(
+                f"{source.repo} must hold exactly one {suffix} file, or the URL must name one (found: {found})"
+            )
         name = candidates[0]
     if name not in sizes:
         raise WeightsError(f"{source.repo} has no file {name}")
     if sizes[name] > max_bytes:
         raise WeightsError(f"{name} is {sizes[name]:,} bytes, over the limit of {max_bytes:,}")
-    local = _hub_call(source, lambda: api.hf_hub_download(
-        source.repo, name, revision=info.sha, local_dir=dest.parent, cache_dir=dest.parent / ".cache" / "hub"
-    ))  # fmt: skip
+    local = _hub_call(
+        source,
+        lambda: api.hf_hub_download(
+            source.repo, name, revision=info.sha, local_dir=dest.parent, cache_dir=dest.parent / ".cache" / "hub"
+        ),
+    )
     os.replace(local, dest)
     return dest.stat().st_size
 
@@ -291,8 +311,10 @@ def _hub_call(source: Source, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except errors.GatedRepoError:
-            raise WeightsError(f"{source.repo} is gated ({token}): accept its terms on huggingface.co and set "
-                               "HF_TOKEN to a token of that account") from None  # fmt: skip
+            raise WeightsError(
+                f"{source.repo} is gated ({token}): accept its terms on huggingface.co and set "
+                "HF_TOKEN to a token of that account"
+            ) from None
         except errors.RepositoryNotFoundError:
             raise WeightsError(f"repository {source.repo} not found ({token}; a private repo needs one)") from None
         except errors.RevisionNotFoundError:
@@ -361,8 +383,9 @@ def _normalise_index(root: Path) -> dict[str, tuple[str | None, str]]:
             continue
         package = _defining_package(cls)
         if package is None:
-            raise WeightsError(f"model_index.json: {name} is {library}.{cls}, a class neither diffusers nor "
-                               "transformers defines")  # fmt: skip
+            raise WeightsError(
+                f"model_index.json: {name} is {library}.{cls}, a class neither diffusers nor transformers defines"
+            )
         log.info("model_index.json: %s library %r -> %r (defines %s)", name, library, package, cls)
         index[name][0] = package
         components[name] = (package, cls)

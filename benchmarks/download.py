@@ -184,14 +184,22 @@ def main() -> None:
     chunk = os.environ.get("WEIGHTS_CHUNK_SIZE") or downloads.DEFAULT_CHUNK_SIZE
     cap = f"{args.conn_limit_mbps:g} MB/s per connection" if args.conn_limit_mbps else "no cap"
     single = list(rates.values())[-1]
-    print(f"\n{nbytes / 1e6:.0f} MB over loopback ({cap}; fallback c={concurrency}, chunk {chunk}), median of "
-          f"{args.runs}:")  # fmt: skip
+    print(
+        f"\n{nbytes / 1e6:.0f} MB over loopback ({cap}; fallback c={concurrency}, chunk {chunk}), median of "
+        f"{args.runs}:"
+    )
     for label, rate in rates.items():
         print(f"  {label:<64} {rate:8.0f} MB/s  {rate / single:5.2f} x")
     if args.json:
-        result = {"bytes": nbytes, "runs": args.runs, "concurrency": int(concurrency), "chunk_size": chunk,
-                  "conn_limit_mb_per_s": args.conn_limit_mbps, "mb_per_s": rates,
-                  "ratio_to_single_stream": {label: rate / single for label, rate in rates.items()}}  # fmt: skip
+        result = {
+            "bytes": nbytes,
+            "runs": args.runs,
+            "concurrency": int(concurrency),
+            "chunk_size": chunk,
+            "conn_limit_mb_per_s": args.conn_limit_mbps,
+            "mb_per_s": rates,
+            "ratio_to_single_stream": {label: rate / single for label, rate in rates.items()},
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -174,24 +174,64 @@ def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, wo
     else:
         dit.update(sample_frames=49, use_learned_positional_embeddings=True)
     latent = dit.pop("latent")
-    text_encoder = _make(device, dtype, lambda: T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer) if smoke else 32128, num_decoder_layers=t5["num_layers"],
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6, dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, **t5,
-    )))  # fmt: skip
-    transformer = _make(device, dtype, lambda: CogVideoXTransformer3DModel(
-        in_channels=2 * latent, out_channels=latent, flip_sin_to_cos=True, freq_shift=0,
-        text_embed_dim=t5["d_model"], dropout=0.0, attention_bias=True, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=tiny_weights.COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
-        activation_fn="gelu-approximate", timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5,
-        spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True,
-        **dit,
-    ))  # fmt: skip
-    vae = _make(device, dtype, lambda: AutoencoderKLCogVideoX(
-        latent_channels=latent, temporal_compression_ratio=4, sample_height=480, sample_width=720,
-        scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False, **vae,
-    ))  # fmt: skip
+    text_encoder = _make(
+        device,
+        dtype,
+        lambda: T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer) if smoke else 32128,
+                num_decoder_layers=t5["num_layers"],
+                relative_attention_num_buckets=32,
+                relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu",
+                layer_norm_epsilon=1e-6,
+                dropout_rate=0.0,
+                tie_word_embeddings=False,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+                **t5,
+            )
+        ),
+    )
+    transformer = _make(
+        device,
+        dtype,
+        lambda: CogVideoXTransformer3DModel(
+            in_channels=2 * latent,
+            out_channels=latent,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            text_embed_dim=t5["d_model"],
+            dropout=0.0,
+            attention_bias=True,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=tiny_weights.COGVIDEOX_MAX_TEXT_SEQ_LENGTH,
+            activation_fn="gelu-approximate",
+            timestep_activation_fn="silu",
+            norm_elementwise_affine=True,
+            norm_eps=1e-5,
+            spatial_interpolation_scale=1.875,
+            temporal_interpolation_scale=1.0,
+            use_rotary_positional_embeddings=True,
+            **dit,
+        ),
+    )
+    vae = _make(
+        device,
+        dtype,
+        lambda: AutoencoderKLCogVideoX(
+            latent_channels=latent,
+            temporal_compression_ratio=4,
+            sample_height=480,
+            sample_width=720,
+            scaling_factor=0.7,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **vae,
+        ),
+    )
     scheduler = CogVideoXDDIMScheduler(**tiny_weights.COGVIDEOX_5B_I2V_SCHEDULER_CONFIG)
     return CogVideoXImageToVideoPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
 
@@ -213,23 +253,54 @@ def build_v2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> An
         unet = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32)
         unet.update(attention_head_dim=64)
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-    text_encoder = _make(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer) if smoke else 49408, max_position_embeddings=tiny_weights.CLIP_MAX_LENGTH,
-        hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **clip,
-    )))  # fmt: skip
-    unet = _make(device, dtype, lambda: UNet3DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-        downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_eps=1e-5,
-        cross_attention_dim=clip["hidden_size"], **unet,
-    ))  # fmt: skip
-    vae = _make(device, dtype, lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", latent_channels=4, sample_size=768,
-        scaling_factor=0.18215, **vae,
-    ))  # fmt: skip
+    text_encoder = _make(
+        device,
+        dtype,
+        lambda: CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer) if smoke else 49408,
+                max_position_embeddings=tiny_weights.CLIP_MAX_LENGTH,
+                hidden_act="gelu",
+                layer_norm_eps=1e-5,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **clip,
+            )
+        ),
+    )
+    unet = _make(
+        device,
+        dtype,
+        lambda: UNet3DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_eps=1e-5,
+            cross_attention_dim=clip["hidden_size"],
+            **unet,
+        ),
+    )
+    vae = _make(
+        device,
+        dtype,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            act_fn="silu",
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+            **vae,
+        ),
+    )
     scheduler = DDIMScheduler(**tiny_weights.ZEROSCOPE_V2_XL_SCHEDULER_CONFIG)
     return VideoToVideoSDPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
@@ -278,9 +349,11 @@ def write_lora(pipe: Any, path: Path, seed: int) -> Path:
         scale = meta.shape[1] ** -0.5 * (0.1 if ".lora_B." in key else 1.0)  # a change of ~10% of each output
         layers[key] = torch.randn(meta.shape, generator=generator, dtype=dtype).mul_(scale)
     type(pipe).save_lora_weights(
-        path.parent, weight_name=path.name, transformer_lora_layers=layers,
+        path.parent,
+        weight_name=path.name,
+        transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=config.to_dict(),
-    )  # fmt: skip
+    )
     return path
 
 
@@ -529,9 +602,12 @@ def configure_lora(bench: Bench) -> dict[str, Any]:
     switches = [use(url) for url in urls * 3]
     bench.inputs.update(lora_url=urls[0], lora_scale=1.0)  # run() makes it active itself, as in production
     return {
-        "lora_rank": LORA_RANK, "lora_targets": LORA_TARGETS, "lora_mb": path.stat().st_size / 1e6,
-        "lora_first_use_s": first_use, "lora_switch_s": statistics.median(switches),
-    }  # fmt: skip
+        "lora_rank": LORA_RANK,
+        "lora_targets": LORA_TARGETS,
+        "lora_mb": path.stat().st_size / 1e6,
+        "lora_first_use_s": first_use,
+        "lora_switch_s": statistics.median(switches),
+    }
 
 
 def unconfigure(name: str, bench: Bench) -> None:
@@ -607,16 +683,18 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
         for constant, value in MODELS[model].smoke_constants.items():
             setattr(module_of(model), constant, value)
     predictor = make_predictor(model, pipe)
-    bench = Bench(model, predictor, device, workdir, run_inputs(model, args.smoke, args.steps, *write_inputs(
-        workdir, args.smoke)))  # fmt: skip
+    bench = Bench(
+        model, predictor, device, workdir, run_inputs(model, args.smoke, args.steps, *write_inputs(workdir, args.smoke))
+    )
     steps = bench.inputs.get("num_inference_steps", run_default(model, "num_inference_steps"))
     strength = run_default(model, "strength") if model == "v2v" else 1.0
     executed = max(1, int(steps * strength))
     default_executed = int(run_default(model, "num_inference_steps") * strength)  # to extrapolate to the default
     result["settings"] = {
         **{k: v for k, v in bench.inputs.items() if not isinstance(v, Path)},
-        "executed_steps": executed, "repeats": args.repeats,
-    }  # fmt: skip
+        "executed_steps": executed,
+        "repeats": args.repeats,
+    }
     probe = Probe(pipe)
     reference: dict[str, Any] = {}
     last_run_s = 0.0
@@ -707,9 +785,13 @@ def measure_setup(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
     spawned = time.time()
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=max(10.0, Budget(args.budget_s).left()),
-        )  # fmt: skip
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"not ready within the time budget ({time.time() - spawned:.0f} s)"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("SETUP_RESULT ")]
@@ -749,13 +831,21 @@ def table_row(model: str, name: str, entry: dict) -> str:
         return f"| {model} | {name} | {entry.get('skipped') or entry.get('error') or 'no runs'} |" + " |" * 10
     tflops = entry["tflops"] if entry["tflops"] is not None else entry.get("tflops_effective")
     cells = [
-        model, name + (f" ({CHANGES_OUTPUT[name]})" if name in CHANGES_OUTPUT else "")
+        model,
+        name
+        + (f" ({CHANGES_OUTPUT[name]})" if name in CHANGES_OUTPUT else "")
         + (" (emulated)" if entry.get("emulated") else ""),
-        _fmt(entry["e2e_s"]), _fmt(entry["step_s"], 3), _fmt(entry["text_encode_s"]), _fmt(entry["vae_encode_s"]),
-        _fmt(entry["vae_decode_s"]), _fmt(entry["peak_gpu_mem_gib"], 1), _fmt(tflops, 1),
-        _fmt(entry["speedup_vs_reference"]) + "x", _fmt(entry["latents_max_abs_diff"], 4),
+        _fmt(entry["e2e_s"]),
+        _fmt(entry["step_s"], 3),
+        _fmt(entry["text_encode_s"]),
+        _fmt(entry["vae_encode_s"]),
+        _fmt(entry["vae_decode_s"]),
+        _fmt(entry["peak_gpu_mem_gib"], 1),
+        _fmt(tflops, 1),
+        _fmt(entry["speedup_vs_reference"]) + "x",
+        _fmt(entry["latents_max_abs_diff"], 4),
         _fmt(entry["e2e_s_at_default_steps"], 1),
-    ]  # fmt: skip
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -767,9 +857,11 @@ def markdown(report: dict) -> str:
             continue
         rows += [table_row(model, name, entry) for name, entry in result["configs"].items()]
         if setup := result.get("setup"):
-            notes.append(f"{model} setup (fresh process, weights on local disk): " + ", ".join(
-                f"{k} {_fmt(v)}" for k, v in setup.items() if isinstance(v, float | int)) + (
-                f"; error: {setup['error'][-300:]}" if "error" in setup else ""))  # fmt: skip
+            notes.append(
+                f"{model} setup (fresh process, weights on local disk): "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in setup.items() if isinstance(v, float | int))
+                + (f"; error: {setup['error'][-300:]}" if "error" in setup else "")
+            )
         if ratio := result.get("reference_over_project"):
             notes.append(f"{model} reference / project: e2e {ratio['e2e']:.2f}x, per step {ratio['step']:.2f}x")
         if "step_s_over_project" in (lora := result["configs"].get("lora", {})):
@@ -787,9 +879,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: run()'s, 50 / 40; smoke 2 / 4)")
     parser.add_argument("--repeats", type=int, help="measured runs after the warm-up (default 3; smoke 1)")
     parser.add_argument(
-        "--configs", default=None, help=f"comma-separated, of {','.join(CONFIGS)} (default: "
+        "--configs",
+        default=None,
+        help=f"comma-separated, of {','.join(CONFIGS)} (default: "
         "reference,project,lora,setup; smoke: reference,project,lora,fbc,setup)",
-    )  # fmt: skip
+    )
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs past this (default 540)")
     parser.add_argument("--json", type=Path, help="write the results here (after each configuration)")
     parser.add_argument("--workdir", type=Path, help="where to save the weights for the setup measurement")

@@ -193,8 +193,10 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for case, samples in report["switch"].items():
-        lines.append(f"| {SWITCHES[case]} | {statistics.median(samples) * 1e3:.2f} | {min(samples) * 1e3:.2f} | "
-                     f"{max(samples) * 1e3:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {SWITCHES[case]} | {statistics.median(samples) * 1e3:.2f} | {min(samples) * 1e3:.2f} | "
+            f"{max(samples) * 1e3:.2f} |"
+        )
     lines += [
         "",
         f"One denoising step (transformer forward, {meta['width']}x{meta['height']}, {meta['frames']} frames, "
@@ -204,8 +206,10 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, result in report["step"].items():
-        lines.append(f"| {STEPS[name]} | {result['median_s']:.4f} | {result['vs_reference']:.3f}x | "
-                     f"{result['max_abs_diff_vs_lora']:.2e} |")  # fmt: skip
+        lines.append(
+            f"| {STEPS[name]} | {result['median_s']:.4f} | {result['vs_reference']:.3f}x | "
+            f"{result['max_abs_diff_vs_lora']:.2e} |"
+        )
     return "\n".join(lines)
 
 

@@ -18,8 +18,15 @@ from conftest import ffmpeg, gradient_frames, rotate_video, write_video
 
 # The valid request every case starts from (tiny models: i2v makes 64x96 frames).
 I2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 1, "fps": 8, "seed": 1}
-V2V_BASE = {"prompt": "a boat", "width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 2,
-            "strength": 0.5, "seed": 5}  # fmt: skip
+V2V_BASE = {
+    "prompt": "a boat",
+    "width": 64,
+    "height": 64,
+    "max_frames": 4,
+    "num_inference_steps": 2,
+    "strength": 0.5,
+    "seed": 5,
+}
 I2V_SIZE = (64, 96)  # height, width
 
 
@@ -87,15 +94,49 @@ def make_videos(folder: Path) -> None:
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(folder / "audio_only.mp4"))
     write_video(folder / "one_frame.mp4", gradient_frames(1, 72, 128), fps=24)
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=4000x4000:rate=2:duration=1", "-c:v", "libx264", "-preset",
-           "ultrafast", "-pix_fmt", "yuv420p", str(folder / "huge_4000.mp4"))  # fmt: skip
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=4000x4000:rate=2:duration=1",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(folder / "huge_4000.mp4"),
+    )
     for name, seconds in (("ten_minutes.mp4", 600), ("eleven_minutes.mp4", 660)):
-        ffmpeg("-f", "lavfi", "-i", f"testsrc=size=16x16:rate=1:duration={seconds}", "-c:v", "libx264", "-preset",
-               "ultrafast", "-pix_fmt", "yuv420p", str(folder / name))  # fmt: skip
+        ffmpeg(
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc=size=16x16:rate=1:duration={seconds}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(folder / name),
+        )
     # Variable frame rate: frames at irregular times (0, 0.05, 0.3, 0.35, 0.9, ...).
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=128x72:rate=20:duration=1", "-vf",
-           "select='not(mod(n\\,3))+eq(n\\,1)',setpts=N/(20*TB)+if(gt(N\\,2)\\,0.2/TB\\,0)",
-           "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(folder / "vfr.mp4"))  # fmt: skip
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=128x72:rate=20:duration=1",
+        "-vf",
+        "select='not(mod(n\\,3))+eq(n\\,1)',setpts=N/(20*TB)+if(gt(N\\,2)\\,0.2/TB\\,0)",
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(folder / "vfr.mp4"),
+    )
     rotate_video(clip, folder / "rotated.mp4", 90)
     write_video(folder / "odd_size.mp4", gradient_frames(5, 51, 77), fps=10, output_params=["-pix_fmt", "yuv444p"])
     _photo(128, 72).save(folder / "still.png")
@@ -151,7 +192,7 @@ def i2v_cases() -> list[Case]:
             "seed": "1",
             "fps": True,
             "scheduler": 1,
-        }  # fmt: skip
+        }
     )
     cases += [
         Case("steps as a whole float", {"num_inference_steps": 2.0}, **ok),
@@ -183,11 +224,17 @@ def v2v_cases() -> list[Case]:
         Case("video missing", {"video": None}, error="Missing input `video`: it is required."),
         Case("video a number", {"video": 3}, error=bad + "expected a file or URL, got 3."),
         Case("width not a multiple of 8", {"width": 68}, error="Invalid input `width`: must be a multiple of 8"),
-        Case("strength x steps < 1", {"strength": 0.01, "num_inference_steps": 50},
-             error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1"),
-        Case("strength 0", {"strength": 0.0},
-             error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1"),
-    ]  # fmt: skip
+        Case(
+            "strength x steps < 1",
+            {"strength": 0.01, "num_inference_steps": 50},
+            error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1",
+        ),
+        Case(
+            "strength 0",
+            {"strength": 0.0},
+            error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1",
+        ),
+    ]  # fmt: skip - a table: one case a line reads better aligned
     cases += bounds_cases(
         [
             ("strength", [1.0], [-0.1, 1.01], "must be >= 0.0 and <= 1.0"),

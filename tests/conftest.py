@@ -173,9 +173,13 @@ def write_video(path: Path, frames: np.ndarray, fps: float, output_params: list[
     """Encode a test video with imageio-ffmpeg (H.264 unless output_params say otherwise)."""
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, macro_block_size=1, output_params=output_params or [],
+        str(path),
+        (width, height),
+        fps=fps,
+        macro_block_size=1,
+        output_params=output_params or [],
         ffmpeg_log_level="error",
-    )  # fmt: skip
+    )
     writer.send(None)
     for frame in frames:
         writer.send(np.ascontiguousarray(frame))

@@ -16,9 +16,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["i2v", "i2v15", "v2v"]
 POSITIVE = [
-    "e2e_s", "denoise_s", "step_s", "forward_median_s", "text_encode_s", "vae_encode_s", "vae_decode_s", "tflops",
-    "warmup_s", "e2e_s_at_default_steps", "speedup_vs_reference", "step_speedup_vs_reference",
-]  # fmt: skip
+    "e2e_s",
+    "denoise_s",
+    "step_s",
+    "forward_median_s",
+    "text_encode_s",
+    "vae_encode_s",
+    "vae_decode_s",
+    "tflops",
+    "warmup_s",
+    "e2e_s_at_default_steps",
+    "speedup_vs_reference",
+    "step_speedup_vs_reference",
+]
 MEASURED = [(model, config) for model in MODELS for config in ("reference", "project")]
 MEASURED += [("i2v", "lora"), ("i2v15", "lora")]
 
@@ -32,8 +42,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu-bench") / "smoke.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu.py", "--smoke", "--model", "all", "--json", str(out)],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"report": json.loads(out.read_text()), "stdout": proc.stdout}
 

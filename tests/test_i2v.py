@@ -53,8 +53,14 @@ def direct_pipeline_frames(predictor: Any, image: Image.Image, seed: int, **kwar
 
 @pytest.mark.parametrize("scheduler", ["cogvideox_dpm", "cogvideox_ddim"])
 def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, scheduler: str) -> None:
-    settings = dict(prompt=PROMPT, negative_prompt="blurry", num_frames=9, num_inference_steps=3,
-                    guidance_scale=6.0, use_dynamic_cfg=True)  # fmt: skip
+    settings = dict(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        use_dynamic_cfg=True,
+    )
     output = i2v.run(image=image_file, seed=42, scheduler=scheduler, sizing_strategy="stretch", fps=8, **settings)
 
     # The predictor's stretch resizes with LANCZOS: the same input, so frames equal to the last bit.
@@ -68,9 +74,18 @@ def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, 
 
 
 def test_same_seed_same_video_other_seed_other_video(i2v: Any, image_file: Path) -> None:
-    args = dict(image=Image.open(image_file).convert("RGB").resize((96, 64)), prompt=PROMPT, negative_prompt="",
-                width=96, height=64, num_frames=9, num_inference_steps=2, guidance_scale=6.0, use_dynamic_cfg=False,
-                scheduler="cogvideox_dpm")  # fmt: skip
+    args = dict(
+        image=Image.open(image_file).convert("RGB").resize((96, 64)),
+        prompt=PROMPT,
+        negative_prompt="",
+        width=96,
+        height=64,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        use_dynamic_cfg=False,
+        scheduler="cogvideox_dpm",
+    )
     first, again, other = i2v.generate(seed=1, **args), i2v.generate(seed=1, **args), i2v.generate(seed=2, **args)
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).mean() > 1 / 255

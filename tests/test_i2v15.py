@@ -74,12 +74,16 @@ def test_every_aspect_ratio_gives_an_allowed_size() -> None:
     ("width", "height", "message"),
     [
         (1024, None, "Invalid inputs `width` and `height`: give both, or neither (aspect_ratio then sets the size)."),
-        (1000, 768, "Invalid inputs `width` and `height`: 1000x768 is not a size the model supports: one side must "
-                    "be 768 and the other a multiple of 16 from 768 to 1360 (e.g. 1360x768, 768x1360, 1024x768, "
-                    "768x768)."),
+        (
+            1000,
+            768,
+            "Invalid inputs `width` and `height`: 1000x768 is not a size the model supports: one side must "
+            "be 768 and the other a multiple of 16 from 768 to 1360 (e.g. 1360x768, 768x1360, 1024x768, "
+            "768x768).",
+        ),
         (1024, 800, "Invalid inputs `width` and `height`: 1024x800 is not a size the model supports"),
     ],
-)  # fmt: skip
+)
 def test_bad_sizes_are_refused_naming_what_is_allowed(width: int, height: int | None, message: str) -> None:
     with pytest.raises(InputError) as error:
         output_size(Image.new("RGB", (100, 100)), "match_input", width, height)
@@ -89,15 +93,20 @@ def test_bad_sizes_are_refused_naming_what_is_allowed(width: int, height: int | 
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"num_frames": 81 + 8}, "Invalid input `num_frames`: must be one of 17, 33, 49, 65, 81, 97, 113, 129, 145, "
-                                 "161 (got 89)."),
+        (
+            {"num_frames": 81 + 8},
+            "Invalid input `num_frames`: must be one of 17, 33, 49, 65, 81, 97, 113, 129, 145, 161 (got 89).",
+        ),
         ({"num_frames": 177}, "Invalid input `num_frames`: must be one of 17, 33"),
         ({"width": 1400, "height": 768}, "Invalid input `width`: must be >= 768 and <= 1360 (got 1400)."),
         ({"width": 640, "height": 768}, "Invalid input `width`: must be >= 768 and <= 1360 (got 640)."),
-        ({"aspect_ratio": "21:9"}, "Invalid input `aspect_ratio`: must be one of match_input, 16:9, 9:16, 3:2, "
-                                   "2:3, 4:3, 3:4, 1:1 (got '21:9')."),
+        (
+            {"aspect_ratio": "21:9"},
+            "Invalid input `aspect_ratio`: must be one of match_input, 16:9, 9:16, 3:2, "
+            "2:3, 4:3, 3:4, 1:1 (got '21:9').",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_are_refused(i2v15: Any, tmp_path: Path, inputs: dict, message: str) -> None:
     photo(320, 200).save(tmp_path / "image.png")
     with pytest.raises(InputError) as error:
@@ -120,8 +129,9 @@ def test_bad_inputs_are_refused(i2v15: Any, tmp_path: Path, inputs: dict, messag
 )
 def test_sizes_frames_and_fps(i2v15: Any, tmp_path: Path, image: tuple, inputs: dict, size: tuple) -> None:
     photo(*image).save(tmp_path / "image.png")
-    output = i2v15.run(image=tmp_path / "image.png", num_frames=17, num_inference_steps=1, guidance_scale=1.0,
-                       seed=1, **inputs)  # fmt: skip
+    output = i2v15.run(
+        image=tmp_path / "image.png", num_frames=17, num_inference_steps=1, guidance_scale=1.0, seed=1, **inputs
+    )
     meta, frames = read_mp4(output)
     assert frames.shape == (17, size[1], size[0], 3)
     assert meta["fps"] == 16 and meta["size"] == size and meta["codec"] == "h264"
@@ -154,12 +164,25 @@ def direct_pipeline_frames(
     pipe = pipe or CogVideoXImageToVideoPipeline(**predictor.pipe.components)
     pipe.scheduler = predictor.schedulers["cogvideox_ddim"]
     pipe.set_progress_bar_config(disable=True)
-    return pipe(image=image, width=width, height=height, max_sequence_length=224, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(5), **settings).frames[0]  # fmt: skip
+    return pipe(
+        image=image,
+        width=width,
+        height=height,
+        max_sequence_length=224,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(5),
+        **settings,
+    ).frames[0]
 
 
-SETTINGS = dict(prompt=PROMPT, negative_prompt="blurry", num_frames=17, num_inference_steps=2, guidance_scale=6.0,
-                use_dynamic_cfg=True)  # fmt: skip
+SETTINGS = dict(
+    prompt=PROMPT,
+    negative_prompt="blurry",
+    num_frames=17,
+    num_inference_steps=2,
+    guidance_scale=6.0,
+    use_dynamic_cfg=True,
+)
 
 
 def test_output_equals_the_pipeline_called_directly(i2v15: Any, tmp_path: Path) -> None:
@@ -185,14 +208,30 @@ def test_widened_rotary_table_leaves_landscape_unchanged(tiny_folders: dict[str,
     pipe.set_progress_bar_config(disable=True)
 
     def latents() -> torch.Tensor:
-        return pipe(image=photo(1360, 128), prompt=PROMPT, width=1360, height=128, num_frames=17,
-                    num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-                    max_sequence_length=224).frames  # fmt: skip
+        return pipe(
+            image=photo(1360, 128),
+            prompt=PROMPT,
+            width=1360,
+            height=128,
+            num_frames=17,
+            num_inference_steps=1,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+            max_sequence_length=224,
+        ).frames
 
     before = latents()
     with pytest.raises(RuntimeError):  # portrait with the table as published (THUDM/CogVideo#758)
-        pipe(image=photo(128, 1360), prompt=PROMPT, width=128, height=1360, num_frames=17, num_inference_steps=1,
-             output_type="latent", max_sequence_length=224)  # fmt: skip
+        pipe(
+            image=photo(128, 1360),
+            prompt=PROMPT,
+            width=128,
+            height=1360,
+            num_frames=17,
+            num_inference_steps=1,
+            output_type="latent",
+            max_sequence_length=224,
+        )
     pipe.transformer.register_to_config(sample_height=170, sample_width=170)
     assert torch.equal(latents(), before)
 
@@ -226,8 +265,9 @@ def test_lora_for_1_5_applies_exactly_and_a_1_0_lora_is_refused(
     reference.transformer.register_to_config(sample_height=170, sample_width=170)
     reference.load_lora_weights(path.parent, weight_name=path.name, adapter_name="reference")
     reference.set_adapters(["reference"], [0.8])
-    np.testing.assert_array_equal(got, direct_pipeline_frames(i2v15, image, 256, 160, pipe=reference, **{
-        **SETTINGS, "negative_prompt": ""}))  # fmt: skip
+    np.testing.assert_array_equal(
+        got, direct_pipeline_frames(i2v15, image, 256, 160, pipe=reference, **{**SETTINGS, "negative_prompt": ""})
+    )
     assert np.abs(got - without).mean() > 1e-3
     with pytest.raises(InputError) as error:
         i2v15.loras.use("hf://someone/lora-1.0", 1.0)

@@ -11,8 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Highest first. The predictors are the top: nothing imports them.
 LAYERS = [
-    "cogvideox", "lora", "pipelines", "weights", "downloads", "media", "inputs", "reporting", "cog_compat", "errors",
-]  # fmt: skip
+    "cogvideox",
+    "lora",
+    "pipelines",
+    "weights",
+    "downloads",
+    "media",
+    "inputs",
+    "reporting",
+    "cog_compat",
+    "errors",
+]
 
 
 def project_imports(path: Path) -> set[str]:

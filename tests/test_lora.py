@@ -120,8 +120,15 @@ def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, scale: float 
         pipe.set_adapters(["reference"], [scale])
     pipe.scheduler = predictor.schedulers["cogvideox_dpm"]
     try:
-        return pipe(image=IMAGE, prompt=PROMPT, negative_prompt="", max_sequence_length=226, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(seed), **SETTINGS).frames[0]  # fmt: skip
+        return pipe(
+            image=IMAGE,
+            prompt=PROMPT,
+            negative_prompt="",
+            max_sequence_length=226,
+            output_type="np",
+            generator=torch.Generator("cpu").manual_seed(seed),
+            **SETTINGS,
+        ).frames[0]
     finally:
         if path is not None:
             pipe.delete_adapters("reference")
@@ -215,29 +222,38 @@ def bad_file(tmp_path: Path, name: str) -> bytes:
         return b"<html><body>Sign in to continue</body></html>"
     tensors = {
         "sd": {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 320)},
-        "flux": {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 3072),
-                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(3072, 4)},
+        "flux": {
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 3072),
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(3072, 4),
+        },
         "half": {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 32)},
-        "2b": {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 48),  # as 2b on 5b:
-               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(48, 4)},  # other widths
-        "nan": {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.full((4, 32), float("nan")),
-                "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 4)},
+        "2b": {
+            "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 48),  # as 2b on 5b:
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(48, 4),
+        },  # other widths
+        "nan": {
+            "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.full((4, 32), float("nan")),
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 4),
+        },
         "empty": {},
-    }[name]  # fmt: skip
+    }[name]
     save_file(tensors, tmp_path / "bad.safetensors")
     return (tmp_path / "bad.safetensors").read_bytes()
 
 
 BAD = [
     ("html", "not a .safetensors file"),
-    ("sd", "not a LoRA for CogVideoX-5b-I2V in diffusers' format: none of its 1 tensors is a "
-           "transformer.<layer>.lora_A/B.weight (e.g. unet.down_blocks.0.attentions.0.proj_in.lora_A.weight)."),
+    (
+        "sd",
+        "not a LoRA for CogVideoX-5b-I2V in diffusers' format: none of its 1 tensors is a "
+        "transformer.<layer>.lora_A/B.weight (e.g. unet.down_blocks.0.attentions.0.proj_in.lora_A.weight).",
+    ),
     ("flux", "not a LoRA for CogVideoX-5b-I2V in diffusers' format: none of its 2 tensors"),
     ("empty", "not a LoRA for CogVideoX-5b-I2V in diffusers' format: none of its 0 tensors"),
     ("half", "transformer_blocks.0.attn1.to_q has only one of lora_A and lora_B."),
     ("2b", "transformer_blocks.0.attn1.to_q is 32x32, its lora_A is 4x48: a LoRA for another model size?"),
     ("nan", "its lora_A of transformer_blocks.0.attn1.to_q holds NaN or infinite values."),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "message"), BAD, ids=[b[0] for b in BAD])
@@ -308,8 +324,9 @@ def test_hub_references(predictor: Any, loras: dict[str, Any], lora_hub: FakeHub
     by_url = generate(predictor, loras["full"][0])
     np.testing.assert_array_equal(generate(predictor, "hf://someone/boat-lora"), by_url)
     np.testing.assert_array_equal(generate(predictor, "hf://someone/two-loras/a.safetensors"), by_url)
-    np.testing.assert_array_equal(generate(predictor, "hf://someone/two-loras/b.safetensors"),
-                                  generate(predictor, loras["other"][0]))  # fmt: skip
+    np.testing.assert_array_equal(
+        generate(predictor, "hf://someone/two-loras/b.safetensors"), generate(predictor, loras["other"][0])
+    )
     with pytest.raises(InputError) as error:
         generate(predictor, "hf://someone/two-loras")
     assert str(error.value) == (
@@ -342,15 +359,18 @@ def test_server_lora_prediction_metrics_and_bad_lora(
     assert with_lora["status"] == "succeeded", with_lora
     assert "Loaded LoRA" in with_lora["logs"] and "LoRA " in with_lora["logs"]
     assert {"download_s", "load_s", "cached"} <= set(with_lora["metrics"]["lora"])
-    frames = {name: read_mp4(decode_data_url(r["output"], tmp_path / f"{name}.mp4"))[1]
-              for name, r in (("plain", plain), ("lora", with_lora))}  # fmt: skip
+    frames = {
+        name: read_mp4(decode_data_url(r["output"], tmp_path / f"{name}.mp4"))[1]
+        for name, r in (("plain", plain), ("lora", with_lora))
+    }
     assert np.abs(frames["plain"].astype(int) - frames["lora"]).mean() > 1
 
     bad = server.predict(**inputs, lora_url=files.add("server-bad.safetensors", b"<html></html>"))
     assert bad["status"] == "failed" and "Invalid input `lora_url`: not a .safetensors file" in bad["error"]
     again = server.predict(**inputs)
-    np.testing.assert_array_equal(read_mp4(decode_data_url(again["output"], tmp_path / "again.mp4"))[1],
-                                  frames["plain"])  # fmt: skip
+    np.testing.assert_array_equal(
+        read_mp4(decode_data_url(again["output"], tmp_path / "again.mp4"))[1], frames["plain"]
+    )
 
 
 def test_server_lora_download_cancelled_midway(

@@ -33,9 +33,15 @@ def test_output_equals_the_pipeline_called_directly(v2v: Any, clip: Path) -> Non
     pipe = VideoToVideoSDPipeline(**v2v.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
-        prompt=PROMPT, video=frames, strength=0.5, num_inference_steps=4, guidance_scale=9.0,
-        negative_prompt="blurry", generator=torch.Generator("cpu").manual_seed(5), output_type="np",
-    ).frames[0]  # fmt: skip
+        prompt=PROMPT,
+        video=frames,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=9.0,
+        negative_prompt="blurry",
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).frames[0]
 
     generated = v2v.generate(
         frames=frames,

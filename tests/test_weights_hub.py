@@ -235,25 +235,44 @@ def broken_copy(folder: Path, dest: Path, remove: list[str]) -> Path:
 @pytest.mark.parametrize(
     ("model", "remove", "detail"),
     [
-        ("v2v", ["tokenizer/vocab.json", "tokenizer/merges.txt"],
-         "tokenizer/vocab.json is missing (CLIPTokenizer needs vocab.json and merges.txt, or tokenizer.json)"),
-        ("i2v", ["tokenizer/spiece.model"],
-         "tokenizer/spiece.model is missing (T5Tokenizer needs spiece.model, or tokenizer.json)"),
-        ("i2v", ["transformer/diffusion_pytorch_model-00002-of-00003.safetensors"],
-         "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is missing (named in "
-         "diffusion_pytorch_model.safetensors.index.json)"),
-        ("v2v", ["unet/diffusion_pytorch_model.bin"],
-         "unet/its weights are missing (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin, "
-         "or a sharded index)"),
+        (
+            "v2v",
+            ["tokenizer/vocab.json", "tokenizer/merges.txt"],
+            "tokenizer/vocab.json is missing (CLIPTokenizer needs vocab.json and merges.txt, or tokenizer.json)",
+        ),
+        (
+            "i2v",
+            ["tokenizer/spiece.model"],
+            "tokenizer/spiece.model is missing (T5Tokenizer needs spiece.model, or tokenizer.json)",
+        ),
+        (
+            "i2v",
+            ["transformer/diffusion_pytorch_model-00002-of-00003.safetensors"],
+            "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is missing (named in "
+            "diffusion_pytorch_model.safetensors.index.json)",
+        ),
+        (
+            "v2v",
+            ["unet/diffusion_pytorch_model.bin"],
+            "unet/its weights are missing (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin, "
+            "or a sharded index)",
+        ),
         ("v2v", ["scheduler/scheduler_config.json"], "scheduler/scheduler_config.json is missing"),
         ("i2v", ["vae/config.json"], "vae/config.json is missing"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("kind", ["hub", "tar"])
 def test_incomplete_snapshot_is_refused(
-    hub: FakeHub, tiny_folders: dict[str, Path], weights_server: str, served_dir: Path, tmp_path: Path,
-    model: str, remove: list[str], detail: str, kind: str,
-) -> None:  # fmt: skip
+    hub: FakeHub,
+    tiny_folders: dict[str, Path],
+    weights_server: str,
+    served_dir: Path,
+    tmp_path: Path,
+    model: str,
+    remove: list[str],
+    detail: str,
+    kind: str,
+) -> None:
     """transformers would build a 2-token CLIPTokenizer from tokenizer_config.json alone, silently: refused here."""
     repo = broken_copy(tiny_folders[model], tmp_path / "repo", remove)
     if kind == "hub":
@@ -276,9 +295,13 @@ def test_incomplete_snapshot_is_refused(
 @pytest.mark.parametrize("kind", ["tar", "hub"])
 @pytest.mark.parametrize("model", ["i2v", "i2v15", "v2v"])
 def test_loads_every_stored_tensor_exactly(
-    weights_urls: dict[str, str], tiny_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    model: str, kind: str,
-) -> None:  # fmt: skip
+    weights_urls: dict[str, str],
+    tiny_folders: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    kind: str,
+) -> None:
     """bf16 sharded safetensors with an index (T5 without embed_tokens), fp16 .bin pickles, the hub's model_index.json:
     load_pipeline gives every stored tensor (in float32 on the CPU), and nothing it did not store but the tied T5
     embeddings and the fused Q/K/V projections."""
@@ -322,16 +345,22 @@ def rewrite_shard(folder: Path, component: str, change: Any) -> None:
     ids=["diffusers-missing", "diffusers-unused", "transformers-missing", "transformers-unused"],
 )
 def test_weights_left_random_or_unused_fail_setup(
-    hub: FakeHub, tiny_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    component: str, change: Any, report: str,
-) -> None:  # fmt: skip
+    hub: FakeHub,
+    tiny_folders: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    component: str,
+    change: Any,
+    report: str,
+) -> None:
     folder = shutil.copytree(tiny_folders["i2v"], tmp_path / "repo")
     rewrite_shard(folder, component, change)
     with pytest.raises(WeightsError) as error:
         load_from_hub("someone/mismatched", folder, tmp_path, monkeypatch, hub)
     message = str(error.value)
-    assert message.startswith("The weights in COGVIDEOX_I2V_WEIGHTS_URL (hf://someone/mismatched) do not match the "
-                              "model: ")  # fmt: skip
+    assert message.startswith(
+        "The weights in COGVIDEOX_I2V_WEIGHTS_URL (hf://someone/mismatched) do not match the model: "
+    )
     assert report in message and "\n" not in message and "\x1b" not in message
 
 
@@ -358,6 +387,7 @@ def test_bin_pickles_load_weights_only(
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(WeightsError) as error:
         load_pipeline(checkpoint)
-    assert str(error.value).startswith("The weights in ZEROSCOPE_XL_WEIGHTS_URL (hf://someone/pickled) could not be "
-                                       "loaded: ")  # fmt: skip
+    assert str(error.value).startswith(
+        "The weights in ZEROSCOPE_XL_WEIGHTS_URL (hf://someone/pickled) could not be loaded: "
+    )
     assert not marker.exists()  # refused, never executed

@@ -219,10 +219,19 @@ def _write_t5_tokenizer_files(folder: Path) -> None:
     sentences = [" ".join(_WORDS[i::5]) for i in range(5)] + [" ".join(_LETTERS + _PUNCT)]
     model = io.BytesIO()  # trained in memory: no file paths end up in the model's trainer_spec (determinism)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences * 20), model_writer=model, vocab_size=100, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+        sentence_iterator=iter(sentences * 20),
+        model_writer=model,
+        vocab_size=100,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
         num_threads=1,
-    )  # fmt: skip
+    )
     (folder / "spiece.model").write_bytes(model.getvalue())
     pieces = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model")).get_piece_size()
 
@@ -411,7 +420,7 @@ def build_i2v(
             "sample_width": sample_width,
             "sample_frames": 49,
             "use_learned_positional_embeddings": True,
-        },  # fmt: skip
+        },
         transformer_keys=COGVIDEOX_TRANSFORMER_KEYS,
         vae={"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 2, "latent_channels": 4},
         vae_keys=COGVIDEOX_VAE_KEYS,
@@ -439,7 +448,7 @@ def build_i2v15(dest: Path, *, seed: int = 0) -> Path:
             "patch_size_t": 2,
             "patch_bias": False,
             "ofs_embed_dim": 32,
-        },  # fmt: skip  # real 512: it must equal time_embed_dim (the two are added)
+        },  # real 512: it must equal time_embed_dim (the two are added)
         transformer_keys=COGVIDEOX_TRANSFORMER_KEYS | {"ofs_embed_dim", "patch_size_t", "patch_bias"},
         vae={
             "block_out_channels": (1, 1, 1, 1),
@@ -447,7 +456,7 @@ def build_i2v15(dest: Path, *, seed: int = 0) -> Path:
             "norm_num_groups": 1,
             "latent_channels": 2,
             "invert_scale_latents": True,
-        },  # fmt: skip
+        },
         vae_keys=COGVIDEOX_VAE_KEYS | {"invert_scale_latents"},
     )
 
