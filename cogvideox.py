@@ -1,18 +1,18 @@
-"""What the CogVideoX image-to-video predictors share: setup, samplers, LoRAs and the pipeline call.
+"""What the CogVideoX predictors share: setup, samplers, LoRAs and the pipeline call.
 
-Each predictor (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) subclasses CogVideoXPredictor with its checkpoint and prompt
-length, and writes its own run(): the inputs differ (sizes, frame counts), the generation does not.
+Each predictor (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, CogVideoX-5b) subclasses CogVideoXPredictor with its checkpoint
+and prompt length, and writes its own run(): the inputs differ (sizes, frame counts, modes), the generation does not.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from cog import BaseRunner
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-from PIL import Image
 
 import cog_compat
 from lora import Loras
@@ -37,55 +37,67 @@ class CogVideoXPredictor(BaseRunner):
         }
         self.loras = Loras(self.pipe, self.checkpoint.name)
 
-    def warm_up(self, width: int, height: int, num_frames: int) -> None:
-        """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up."""
+    def warm_up(self, width: int, height: int, *, pipe: Any = None, **mode_inputs: Any) -> None:
+        """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up.
+
+        ``pipe`` and ``mode_inputs`` as in generate()."""
         start = time.perf_counter()
         self.generate(
-            image=Image.new("RGB", (width, height)),
+            pipe=pipe,
             prompt="",
             negative_prompt="",
             width=width,
             height=height,
-            num_frames=num_frames,
             num_inference_steps=1,
             guidance_scale=6.0,
             use_dynamic_cfg=False,
             scheduler="cogvideox_dpm",
             seed=0,
+            **mode_inputs,
         )
         self.setup_timings["warmup_s"] = time.perf_counter() - start
 
     def generate(
         self,
         *,
-        image: Image.Image,
+        pipe: Any = None,
         prompt: str,
         negative_prompt: str,
         width: int,
         height: int,
-        num_frames: int,
         num_inference_steps: int,
         guidance_scale: float,
         use_dynamic_cfg: bool,
         scheduler: str,
         seed: int,
+        **mode_inputs: Any,
     ) -> np.ndarray:
-        """The pipeline call, with the LoRA the prediction asked for (Loras.use): frames (F, H, W, 3) in [0, 1]."""
-        self.pipe.scheduler = self.schedulers[scheduler]
-        frames = self.pipe(
-            image=image,
+        """The pipeline call, with the LoRA the prediction asked for (Loras.use): frames (F, H, W, 3) in [0, 1].
+
+        ``pipe``: self.pipe, or a pipeline of another mode built on its components (one copy of the weights).
+        ``mode_inputs``: what that mode takes besides the shared settings: ``image`` and ``num_frames``
+        (image-to-video), ``num_frames`` (text-to-video), ``video`` and ``strength`` (video-to-video).
+        """
+        pipe = pipe or self.pipe
+        pipe.scheduler = self.schedulers[scheduler]
+        steps = int(num_inference_steps * mode_inputs.get("strength", 1.0))  # what diffusers runs
+        frames = pipe(
             prompt=prompt,
             negative_prompt=negative_prompt,
             height=height,
             width=width,
-            num_frames=num_frames,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             use_dynamic_cfg=use_dynamic_cfg,
             generator=torch.Generator("cpu").manual_seed(seed),
             max_sequence_length=self.max_sequence_length,
             output_type="np",
-            callback_on_step_end=StepLogger(num_inference_steps).on_step_end,
+            callback_on_step_end=StepLogger(steps).on_step_end,
+            **mode_inputs,
         ).frames[0]
+        if pipe is not self.pipe:
+            # With CPU offload the hooks live on the shared models, but only self.pipe puts them all back after a
+            # call (another pipeline object would leave its last model on the GPU): do it for that one too.
+            self.pipe.maybe_free_model_hooks()
         record_metric("frames", len(frames))
         return frames

@@ -127,9 +127,10 @@ class Loras:
         logger.info("Loaded LoRA %s (%d tensors) in %.2f s", source, len(state), seconds)
 
     def _check_base_model(self, base_model: str | None, where: str) -> None:
-        """Refuse a LoRA stated to be for the other CogVideoX generation (1.0 vs 1.5): the shapes of their attention
-        layers are the same, so only what its card or file says can tell."""
-        if base_model and "cogvideox" in base_model.lower() and ("1.5" in base_model) != ("1.5" in self.model):
+        """Refuse a LoRA stated to be for another CogVideoX checkpoint: the other generation (1.0 vs 1.5) or the
+        other mode (text-to-video vs image-to-video). Their attention layers have the same shapes, so only what its
+        card or file says can tell."""
+        if base_model and "cogvideox" in base_model.lower() and _kind(base_model) != _kind(self.model):
             raise InputError(
                 f"Invalid input `lora_url`: this LoRA is for {base_model} ({where} says so), not {self.model}."
             )
@@ -172,6 +173,13 @@ class Loras:
         ]
         if problems:
             raise InputError(f"Invalid input `lora_url`: {problems[0]}.")
+
+
+def _kind(checkpoint: str) -> tuple[bool, bool]:
+    """(generation 1.5?, image-to-video?) of a CogVideoX checkpoint's name: "THUDM/CogVideoX-5b" is a prefix of
+    "THUDM/CogVideoX-5b-I2V", so the names are told apart by what they contain, not by prefix."""
+    checkpoint = checkpoint.lower()
+    return "1.5" in checkpoint, "i2v" in checkpoint
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

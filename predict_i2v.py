@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from cog import Input, Path
 from diffusers import CogVideoXImageToVideoPipeline
+from PIL import Image
 
 from cogvideox import CogVideoXPredictor
 from inputs import resolve_seed, validate_inputs
@@ -35,7 +36,7 @@ class Predictor(CogVideoXPredictor):
         config = self.pipe.transformer.config
         self.width = config.sample_width * self.pipe.vae_scale_factor_spatial
         self.height = config.sample_height * self.pipe.vae_scale_factor_spatial
-        self.warm_up(self.width, self.height, 9)
+        self.warm_up(self.width, self.height, image=Image.new("RGB", (self.width, self.height)), num_frames=9)
 
     @validate_inputs
     def run(

@@ -43,7 +43,8 @@ class Predictor(CogVideoXPredictor):
         config = self.pipe.transformer.config
         long_side = max(config.sample_height, config.sample_width)
         self.pipe.transformer.register_to_config(sample_height=long_side, sample_width=long_side)
-        self.warm_up(256, 256, FRAME_COUNTS[0])  # small: what a first call pays is kernel start-up, not its size
+        # Small: what a first call pays is kernel start-up, not its size.
+        self.warm_up(256, 256, image=Image.new("RGB", (256, 256)), num_frames=FRAME_COUNTS[0])
 
     @validate_inputs
     def run(

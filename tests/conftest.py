@@ -28,7 +28,7 @@ import tiny_weights
 from fake_hub import FakeHub
 from harness import CogServer, serve_directory
 
-MODULES = {"i2v": "predict_i2v", "i2v15": "predict_i2v15", "v2v": "predict_v2v"}
+MODULES = {"i2v": "predict_i2v", "i2v15": "predict_i2v15", "v2v": "predict_v2v", "t2v": "predict_t2v"}
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +51,7 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "i2v": tiny_weights.build_i2v,
         "i2v15": tiny_weights.build_i2v15,
         "v2v": tiny_weights.build_v2v,
+        "t2v": tiny_weights.build_t2v,
         "i2v-480p": functools.partial(tiny_weights.build_i2v, sample_height=60, sample_width=90),
     }
     return {model: build(tmp_path_factory.mktemp(f"tiny-{model}")) for model, build in builds.items()}
@@ -64,7 +65,12 @@ def weights_urls(weights_server: str, served_dir: Path, tiny_folders: dict[str, 
     return {model: f"{weights_server}/{model}.tar" for model in tiny_folders}
 
 
-HUB_REPOS = {"i2v": "THUDM/CogVideoX-5b-I2V", "i2v15": "THUDM/CogVideoX1.5-5B-I2V", "v2v": "cerspense/zeroscope_v2_XL"}
+HUB_REPOS = {
+    "i2v": "THUDM/CogVideoX-5b-I2V",
+    "i2v15": "THUDM/CogVideoX1.5-5B-I2V",
+    "v2v": "cerspense/zeroscope_v2_XL",
+    "t2v": "THUDM/CogVideoX-5b",
+}
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +104,11 @@ def i2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def v2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_predictor("v2v", weights_urls["v2v"], tmp_path_factory.mktemp("cache-v2v"))
+
+
+@pytest.fixture(scope="session")
+def t2v(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_predictor("t2v", weights_urls["t2v"], tmp_path_factory.mktemp("cache-t2v"))
 
 
 @pytest.fixture(scope="session")

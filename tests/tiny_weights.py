@@ -16,6 +16,9 @@ transformers versions that wrote the hub files) and tokenizer files.
   the defaults give 64x96, ``(60, 90)`` gives the real 480x720.  ``max_text_seq_length`` and the tokenizer's
   ``model_max_length`` are 226, as in the real repo (with learned positional embeddings the prompt length MUST
   equal ``transformer.config.max_text_seq_length``).
+* ``build_t2v(dest, sample_height=8, sample_width=12)`` -> like ``THUDM/CogVideoX-5b``: build_i2v's layout, with
+  ``CogVideoXPipeline`` in ``model_index.json`` and the text-to-video transformer (``in_channels`` = latent
+  channels, rotary position embeddings only).
 * ``build_v2v(dest)`` -> like ``cerspense/zeroscope_v2_XL``: fp16 ``.bin`` pickles only (``torch.save`` of
   state dicts), the hub's ORIGINAL ``model_index.json`` (``TextToVideoSDPipeline``, unet library
   ``"models.unet_3d_condition"``, which diffusers 0.42 refuses: see ``fix_zeroscope_index``), old-diffusers
@@ -83,6 +86,7 @@ CLIP_MAX_LENGTH = 77
 T5_EXTRA_IDS = 100  # <extra_id_0> .. <extra_id_99>, appended after the SentencePiece pieces (highest id = 0)
 
 COGVIDEOX_DIFFUSERS_VERSION = "0.31.0.dev0"  # model_index.json and every component config of CogVideoX-5b-I2V
+COGVIDEOX_T2V_DIFFUSERS_VERSION = "0.30.0.dev0"  # CogVideoX-5b (unverified value: saved before 5b-I2V's)
 COGVIDEOX15_DIFFUSERS_VERSION = "0.32.0.dev0"  # CogVideoX1.5-5B-I2V (unverified value: saved before 0.32.0)
 COGVIDEOX_TRANSFORMERS_VERSION = "4.44.2"  # text_encoder/config.json "transformers_version" (unverified value)
 ZEROSCOPE_DIFFUSERS_VERSION = "0.15.0"  # zeroscope_v2_XL "_diffusers_version" (unverified value)
@@ -427,6 +431,32 @@ def build_i2v(
     )
 
 
+def build_t2v(dest: Path, sample_height: int = 8, sample_width: int = 12, *, seed: int = 0) -> Path:
+    """Write a tiny CogVideoXPipeline folder in the layout of THUDM/CogVideoX-5b (text-to-video).
+
+    The layout of 5b-I2V (same T5, tokenizer, VAE and scheduler files, sharded bf16 transformer), but the transformer
+    takes the noisy latents alone (``in_channels`` = the VAE's latent channels, I2V: twice that) and has rotary
+    position embeddings only (``use_learned_positional_embeddings`` false), so any 8x size runs; its sample size
+    (``sample_height * 8`` x ``sample_width * 8``, real 480x720) is the size the predictor makes.
+    """
+    return _build_cogvideox(
+        dest,
+        seed,
+        COGVIDEOX_T2V_DIFFUSERS_VERSION,
+        transformer={
+            "sample_height": sample_height,
+            "sample_width": sample_width,
+            "sample_frames": 49,
+            "use_learned_positional_embeddings": False,
+            "in_channels": 4,  # the VAE's latent channels: text-to-video has no image latents
+        },
+        transformer_keys=COGVIDEOX_TRANSFORMER_KEYS,
+        vae={"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 2, "latent_channels": 4},
+        vae_keys=COGVIDEOX_VAE_KEYS,
+        pipeline="CogVideoXPipeline",
+    )
+
+
 def build_i2v15(dest: Path, *, seed: int = 0) -> Path:
     """Write a tiny CogVideoXImageToVideoPipeline folder in the layout of THUDM/CogVideoX1.5-5B-I2V.
 
@@ -469,9 +499,11 @@ def _build_cogvideox(
     transformer_keys: frozenset[str],
     vae: dict[str, Any],
     vae_keys: frozenset[str],
+    pipeline: str = "CogVideoXImageToVideoPipeline",
 ) -> Path:
-    """A tiny CogVideoX image-to-video folder; ``transformer`` and ``vae`` hold what differs between checkpoints
-    (real VAE: block_out_channels (128, 256, 256, 512), layers_per_block 3, 32 norm groups, 16 latent channels)."""
+    """A tiny CogVideoX folder; ``transformer`` and ``vae`` hold what differs between checkpoints (real VAE:
+    block_out_channels (128, 256, 256, 512), layers_per_block 3, 32 norm groups, 16 latent channels). The transformer
+    takes twice the latent channels (noisy latents + image latents) unless ``transformer`` says otherwise."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -490,11 +522,12 @@ def _build_cogvideox(
     t5_tensors = _state_dict(text_encoder, torch.bfloat16, drop=("encoder.embed_tokens.weight",))
     _save_sharded(t5_tensors, dest / "text_encoder", "model", shards=2)
 
+    transformer = dict(transformer)
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
         num_attention_heads=2,  # real: 48
         attention_head_dim=16,  # real: 64 (3D RoPE needs head_dim // 8 * 3 even -> >= 16)
-        in_channels=2 * latent_channels,  # noisy latents + image latents
+        in_channels=transformer.pop("in_channels", 2 * latent_channels),
         out_channels=latent_channels,
         flip_sin_to_cos=True,
         freq_shift=0,
@@ -544,7 +577,7 @@ def _build_cogvideox(
     _write_json(
         dest / "model_index.json",
         {
-            "_class_name": "CogVideoXImageToVideoPipeline",
+            "_class_name": pipeline,
             "_diffusers_version": version,
             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
             "text_encoder": ["transformers", "T5EncoderModel"],
