@@ -27,6 +27,8 @@ V2V_BASE = {
     "strength": 0.5,
     "seed": 5,
 }
+# CogVideoX-5b: video-to-video unless the case drops the video (tiny model: 64x96 frames, like i2v).
+T2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 2, "strength": 0.5, "fps": 8, "seed": 5}
 I2V_SIZE = (64, 96)  # height, width
 
 
@@ -254,6 +256,50 @@ def v2v_cases() -> list[Case]:
         cheap={"num_inference_steps": {"strength": 0.01}, "width": {"max_frames": 1}, "height": {"max_frames": 1}},
     )
     cases += type_cases({"strength": "0.5", "width": 64.5, "max_frames": [4], "frame_sampling": 1, "fps": "8"})
+    return cases
+
+
+def t2v_cases() -> list[Case]:
+    """The video corpus through CogVideoX-5b's video-to-video: the same files as zeroscope's, but a video must give
+    at least 9 frames (8N+1) and the output plays at `fps`."""
+    bad = "Invalid input `video`: "
+    unreadable = bad + "not a readable video, or it has no video stream."
+    ok = {"frames": 9, "fps": 8}
+    cases = [
+        Case("empty file", {"video": "empty.mp4"}, error=bad + "the file is empty (0 bytes)."),
+        Case("truncated mp4", {"video": "truncated.mp4"}, error=unreadable),
+        Case("audio only", {"video": "audio_only.mp4"}, error=unreadable),
+        Case("text named .mp4", {"video": "text.mp4"}, error=unreadable),
+        Case("one frame", {"video": "one_frame.mp4"}, error=bad + "1 frame read; video-to-video needs at least 9."),
+        Case("4000x4000, 2 frames", {"video": "huge_4000.mp4"}, error=bad + "2 frames read; video-to-video needs"),
+        Case("10 minutes, first", {"video": "ten_minutes.mp4"}, **ok),
+        Case("10 minutes, even", {"video": "ten_minutes.mp4", "frame_sampling": "even"}, **ok),
+        Case("11 minutes", {"video": "eleven_minutes.mp4"}, error=bad + "660 s is too long (at most 600 s)."),
+        Case("variable frame rate, 8 frames", {"video": "vfr.mp4"}, error=bad + "8 frames read; video-to-video needs"),
+        Case("rotated", {"video": "rotated.mp4", "sizing_strategy": "pad"}, **ok),
+        Case("rotated, 12 frames", {"video": "rotated.mp4", "num_frames": 49}, **ok),  # the largest 8N+1: 9
+        Case("odd size, 5 frames", {"video": "odd_size.mp4"}, error=bad + "5 frames read; video-to-video needs"),
+        Case("still image as video", {"video": "still.png"}, error=bad + "1 frame read; video-to-video needs"),
+        Case("animated GIF, 4 frames", {"video": "animated.gif"}, error=bad + "4 frames read; video-to-video needs"),
+        Case("no video: text-to-video", {"video": None}, **ok),
+        Case("no video, strength 0", {"video": None, "strength": 0.0}, **ok),  # strength plays no part
+        Case("video a number", {"video": 3}, error=bad + "expected a file or URL, got 3."),
+        Case(
+            "strength x steps < 1",
+            {"strength": 0.01, "num_inference_steps": 50},
+            error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1",
+        ),
+    ]
+    cases += bounds_cases(
+        [
+            ("strength", [1.0], [-0.1, 1.01], "must be >= 0.0 and <= 1.0"),
+            ("num_frames", [17], [8, 50], "must be one of 9, 17, 25, 33, 41, 49"),
+            ("frame_sampling", ["even"], ["last"], "must be one of first, even"),
+        ],
+        ok,
+        expected_frames={"num_frames": lambda v: 9},  # the clip has 12 frames
+    )
+    cases += type_cases({"strength": "0.5", "frame_sampling": 1, "num_frames": "9"})
     return cases
 
 

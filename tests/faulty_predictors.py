@@ -1,7 +1,7 @@
 """Test-only subclasses of the production predictors that inject faults when the prompt is a magic word.
 
-The Cog server loads them with COG_PREDICT_TYPE_STUB=tests/faulty_predictors.py:I2V (or :V2V). Any other prompt runs
-the production code unchanged, so the same server also serves the ordinary reliability tests. Nothing here is
+The Cog server loads them with COG_PREDICT_TYPE_STUB=tests/faulty_predictors.py:I2V (or :V2V, :T2V). Any other prompt
+runs the production code unchanged, so the same server also serves the ordinary reliability tests. Nothing here is
 reachable from the production predictors.
 
 Magic prompts:
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import predict_i2v  # noqa: E402
+import predict_t2v  # noqa: E402
 import predict_v2v  # noqa: E402
 
 OOM = "__oom__"
@@ -58,11 +59,12 @@ class FaultsMixin:
             held = torch.ones(OOM_ALLOCATION_BYTES // 4)  # noqa: F841 - memory a failed CUDA step would hold
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
         if prompt == STALL_TEXT:
-            self.pipe.encode_prompt = lambda *a, **k: stall("text encoding")  # shadows the method on this instance
+            pipe = settings.get("pipe") or self.pipe  # CogVideoX-5b's video-to-video runs its own pipeline object
+            pipe.encode_prompt = lambda *a, **k: stall("text encoding")  # shadows the method on this instance
             try:
                 return super().generate(prompt=prompt, **settings)  # type: ignore[misc]
             finally:
-                del self.pipe.encode_prompt
+                del pipe.encode_prompt
         frames = super().generate(prompt="" if prompt == STALL_ENCODE else prompt, **settings)  # type: ignore[misc]
         return frames.view(StallingFrames) if prompt == STALL_ENCODE else frames
 
@@ -72,4 +74,8 @@ class I2V(FaultsMixin, predict_i2v.Predictor):
 
 
 class V2V(FaultsMixin, predict_v2v.Predictor):
+    pass
+
+
+class T2V(FaultsMixin, predict_t2v.Predictor):
     pass

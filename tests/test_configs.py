@@ -9,7 +9,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"cog.yaml": "predict_i2v.py", "cog-i2v15.yaml": "predict_i2v15.py", "cog-v2v.yaml": "predict_v2v.py"}
+CONFIGS = {
+    "cog.yaml": "predict_i2v.py",
+    "cog-i2v15.yaml": "predict_i2v15.py",
+    "cog-v2v.yaml": "predict_v2v.py",
+    "cog-t2v.yaml": "predict_t2v.py",
+}
 TORCH_CUDA = {"2.13.0": "13.0"}  # the CUDA that PyPI's torch wheel is built for (its torch/version.py)
 
 

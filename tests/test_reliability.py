@@ -22,15 +22,15 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from bad_inputs import I2V_BASE, I2V_SIZE, V2V_BASE, Case
+from bad_inputs import I2V_BASE, I2V_SIZE, T2V_BASE, V2V_BASE, Case
 
 from conftest import MODULES, decode_data_url, read_mp4
 from harness import ROOT, CogServer
 
-PRIMARY_INPUT = {"i2v": "image", "v2v": "video"}
-REFERENCE_FILE = {"i2v": "photo.jpg", "v2v": "clip.mp4"}
-BASES = {"i2v": I2V_BASE, "v2v": V2V_BASE}
-STUBS = {"i2v": "tests/faulty_predictors.py:I2V", "v2v": "tests/faulty_predictors.py:V2V"}
+PRIMARY_INPUT = {"i2v": "image", "v2v": "video", "t2v": "video"}  # t2v: video-to-video unless a case drops it
+REFERENCE_FILE = {"i2v": "photo.jpg", "v2v": "clip.mp4", "t2v": "clip.mp4"}
+BASES = {"i2v": I2V_BASE, "v2v": V2V_BASE, "t2v": T2V_BASE}
+STUBS = {model: f"tests/faulty_predictors.py:{model.upper()}" for model in BASES}
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +99,7 @@ class Reliable:
         if case.ok:
             assert result["status"] == "succeeded", (case.name, result.get("error"))
             frames = self.frames(result)
-            height, width = case.size or (I2V_SIZE if self.model == "i2v" else (V2V_BASE["height"], V2V_BASE["width"]))
+            height, width = case.size or (I2V_SIZE if self.model != "v2v" else (V2V_BASE["height"], V2V_BASE["width"]))
             assert frames.shape[1:] == (height, width, 3), case.name
             if case.frames is not None:
                 assert len(frames) == case.frames, case.name
@@ -134,6 +134,7 @@ def reliable(
 # --- the bad-input corpus ---------------------------------------------------------------------------------------------
 
 CASES = [("i2v", case) for case in bad_inputs.i2v_cases()] + [("v2v", case) for case in bad_inputs.v2v_cases()]
+CASES += [("t2v", case) for case in bad_inputs.t2v_cases()]
 
 
 @pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
@@ -239,6 +240,10 @@ CANCEL_POINTS = [
     ("v2v", "denoising", {"num_inference_steps": 100, "strength": 1.0}, "Denoising step 3/100"),
     ("i2v", "video encoding", {"prompt": faulty_predictors.STALL_ENCODE}, "stalled in video encoding"),
     ("v2v", "video encoding", {"prompt": faulty_predictors.STALL_ENCODE}, "stalled in video encoding"),
+    ("t2v", "download", {"video": "TRICKLE/clip.mp4"}, None),
+    ("t2v", "text encoding", {"prompt": faulty_predictors.STALL_TEXT}, "stalled in text encoding"),  # video-to-video
+    ("t2v", "text-to-video text encoding", {"prompt": faulty_predictors.STALL_TEXT, "video": None}, "stalled in text"),
+    ("t2v", "video encoding", {"prompt": faulty_predictors.STALL_ENCODE}, "stalled in video encoding"),
 ]
 CANCEL_IDS = [f"{model}-{point}" for model, point, *_ in CANCEL_POINTS]
 

@@ -24,18 +24,20 @@ import pytest
 from cog.input import FieldInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-PREDICTORS = ["predict_i2v", "predict_i2v15", "predict_v2v"]
+PREDICTORS = ["predict_i2v", "predict_i2v15", "predict_v2v", "predict_t2v"]
+COGVIDEOX = ["predict_i2v", "predict_i2v15", "predict_t2v"]
 SHARED = {  # inputs declared in several predictors, which must be identical there
     "prompt": PREDICTORS,
     "negative_prompt": PREDICTORS,
     "sizing_strategy": PREDICTORS,
     "seed": PREDICTORS,
-    "num_inference_steps": ["predict_i2v", "predict_i2v15"],
-    "guidance_scale": ["predict_i2v", "predict_i2v15"],
-    "use_dynamic_cfg": ["predict_i2v", "predict_i2v15"],
-    "scheduler": ["predict_i2v", "predict_i2v15"],
-    "lora_url": ["predict_i2v", "predict_i2v15"],
-    "lora_scale": ["predict_i2v", "predict_i2v15"],
+    "num_inference_steps": COGVIDEOX,
+    "guidance_scale": COGVIDEOX,
+    "use_dynamic_cfg": COGVIDEOX,
+    "scheduler": COGVIDEOX,
+    "lora_url": COGVIDEOX,
+    "lora_scale": COGVIDEOX,
+    "fps": ["predict_i2v", "predict_t2v"],  # CogVideoX 1.0's 8 fps (1.5 makes 16, zeroscope keeps the input's)
 }
 NAME_ALLOWED_IN = {"choices", "default", "description"}  # where cog's parser resolves a module-level name
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}

@@ -17,7 +17,15 @@ from PIL import Image
 from safetensors import safe_open
 
 import tiny_weights as tw
-from tiny_weights import assert_loads_exactly, build_i2v, build_v2v, fix_zeroscope_index, make_tar, stored_tensors
+from tiny_weights import (
+    assert_loads_exactly,
+    build_i2v,
+    build_t2v,
+    build_v2v,
+    fix_zeroscope_index,
+    make_tar,
+    stored_tensors,
+)
 
 I2V_FILES = {
     "model_index.json",
@@ -61,6 +69,11 @@ WEIGHT_PROBLEMS = ("newly initialized", "were not used", "LOAD REPORT", "MISSING
 @pytest.fixture(scope="module")
 def i2v_dir(tmp_path_factory):
     return build_i2v(tmp_path_factory.mktemp("tiny") / "i2v")
+
+
+@pytest.fixture(scope="module")
+def t2v_dir(tmp_path_factory):
+    return build_t2v(tmp_path_factory.mktemp("tiny") / "t2v")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +178,52 @@ def test_i2v_layout_is_the_hub_one(i2v_dir):
     assert set(added) == set(extra) and added["<extra_id_0>"] == added["<extra_id_99>"] + 99  # appended, reversed
     assert text_config["vocab_size"] > added["<extra_id_0>"]
     assert _json(i2v_dir / "tokenizer/special_tokens_map.json")["additional_special_tokens"] == extra
+
+
+def test_t2v_layout_is_5b_i2v_s_but_for_the_pipeline_and_the_transformer(t2v_dir, i2v_dir):
+    """THUDM/CogVideoX-5b: the files of 5b-I2V, CogVideoXPipeline in model_index.json, and a transformer that takes the
+    latents alone (in_channels 16 for real, I2V 32) with rotary position embeddings only."""
+    assert _files(t2v_dir) == I2V_FILES
+    index = _json(t2v_dir / "model_index.json")
+    assert index.pop("_class_name") == "CogVideoXPipeline"
+    assert index.pop("_diffusers_version") == tw.COGVIDEOX_T2V_DIFFUSERS_VERSION
+    i2v_index = _json(i2v_dir / "model_index.json")
+    assert index == {k: v for k, v in i2v_index.items() if not k.startswith("_")}
+    config, i2v_config = _json(t2v_dir / "transformer/config.json"), _json(i2v_dir / "transformer/config.json")
+    assert set(config) == set(i2v_config) and _config_keys(t2v_dir / "transformer/config.json") == (
+        tw.COGVIDEOX_TRANSFORMER_KEYS
+    )
+    latent = _json(t2v_dir / "vae/config.json")["latent_channels"]
+    assert (config["in_channels"], config["out_channels"], i2v_config["in_channels"]) == (latent, latent, 2 * latent)
+    assert config["use_learned_positional_embeddings"] is False and config["use_rotary_positional_embeddings"]
+    differ = {k for k in config if config[k] != i2v_config[k]} - {"_diffusers_version"}
+    assert differ == {"in_channels", "use_learned_positional_embeddings"}
+    for name in ("vae/config.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"):
+        unversioned = [
+            {k: v for k, v in _json(d / name).items() if k != "_diffusers_version"} for d in (t2v_dir, i2v_dir)
+        ]
+        assert unversioned[0] == unversioned[1], name
+    for file in sorted(t2v_dir.rglob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, file
+
+
+def test_t2v_loads_the_stored_tensors_and_runs_in_both_modes(t2v_dir):
+    from diffusers import CogVideoXPipeline, CogVideoXVideoToVideoPipeline, DiffusionPipeline
+
+    with _library_logs() as records:
+        pipe = CogVideoXPipeline.from_pretrained(t2v_dir, dtype=torch.float32)
+    assert not [r.getMessage() for r in records if any(p in r.getMessage() for p in WEIGHT_PROBLEMS)]
+    assert_loads_exactly(pipe, t2v_dir)
+    assert isinstance(DiffusionPipeline.from_pretrained(t2v_dir), CogVideoXPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a cat running", num_inference_steps=2, height=64, width=96, output_type="np")
+    frames = pipe(num_frames=9, generator=torch.Generator().manual_seed(0), **args).frames
+    assert np.asarray(frames).shape == (1, 9, 64, 96, 3) and np.isfinite(frames).all()
+    v2v = CogVideoXVideoToVideoPipeline(**pipe.components)
+    video = [_rand_image(64, 96, seed=i) for i in range(9)]
+    frames = v2v(video=video, strength=0.5, generator=torch.Generator().manual_seed(0), **args).frames
+    assert np.asarray(frames).shape == (1, 9, 64, 96, 3) and np.isfinite(frames).all()
 
 
 def test_v2v_layout_is_the_hub_one(v2v_dir):

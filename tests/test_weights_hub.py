@@ -293,7 +293,7 @@ def test_incomplete_snapshot_is_refused(
 
 
 @pytest.mark.parametrize("kind", ["tar", "hub"])
-@pytest.mark.parametrize("model", ["i2v", "i2v15", "v2v"])
+@pytest.mark.parametrize("model", ["i2v", "i2v15", "v2v", "t2v"])
 def test_loads_every_stored_tensor_exactly(
     weights_urls: dict[str, str],
     tiny_folders: dict[str, Path],
