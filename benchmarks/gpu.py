@@ -1,4 +1,5 @@
-"""GPU benchmark of the predictors (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, zeroscope v2 XL): reference vs project.
+"""GPU benchmark of the predictors (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, zeroscope v2 XL, CogVideoX-5b in both of
+its modes): reference vs project.
 
 Builds the real architectures at full size with random weights straight on the GPU (random weights cost exactly
 the compute of the real ones), sets the predictor up on them with its own setup() (load_pipeline stubbed: no
@@ -8,7 +9,10 @@ download), and times the predictor's own run() under each configuration, in this
              i2v: enable_model_cpu_offload() + vae.enable_tiling() (CogVideoX-5b-I2V's card);
              i2v15: enable_model_cpu_offload() + vae.enable_tiling() + vae.enable_slicing() (THUDM cli_demo's
              option for GPUs with room; the 1.5 model card's own example offloads sequentially, slower still);
-             v2v: enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs')
+             v2v: enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs');
+             t2v / t2v-v2v: diffusers' own example code for CogVideoXPipeline / CogVideoXVideoToVideoPipeline:
+             pipe.to("cuda"), nothing else (resident, unfused, untiled); guidance 6, 50 steps, no dynamic CFG, the
+             hub's DDIM sampler (t2v) or CogVideoXDPMScheduler (t2v-v2v, strength 0.8)
   project    what setup() does: place_pipeline() (resident on a GPU with room, the checkpoint's VAE tiling) +
              speed_up() (fused QKV)
   lora       project + a rank-64 LoRA on to_q/to_k/to_v/to_out.0 (random, built with peft, served from 127.0.0.1),
@@ -30,10 +34,13 @@ The JSON (--json) is rewritten after each configuration, and a table row is prin
     python benchmarks/gpu.py --model i2v --steps 10 --repeats 2 --json i2v.json       # one H100
     python benchmarks/gpu.py --model i2v15 --steps 5 --repeats 1 --json i2v15.json    # one H100
     python benchmarks/gpu.py --model v2v --repeats 2 --json v2v.json                  # one H100
+    python benchmarks/gpu.py --model t2v --steps 10 --repeats 2 --json t2v.json       # one H100
+    python benchmarks/gpu.py --model t2v-v2v --steps 10 --repeats 2 --json t2v-v2v.json
     python benchmarks/gpu.py --smoke --model all --json smoke.json                    # CPU, tiny float32 models
 
 Runs use the predictors' own defaults (frames, size, fps, guidance; --steps overrides the steps): 49 frames at
-720x480 for i2v, 81 frames at 1360x768 (16:9) for i2v15, 24 frames at 1024x576 for v2v.
+720x480 for i2v, t2v and t2v-v2v (of a 49-frame clip, strength 0.8: 40 of 50 steps run), 81 frames at 1360x768 (16:9)
+for i2v15, 24 frames at 1024x576 for v2v.
 --smoke builds tiny versions of the same architectures on the CPU in float32 (2 steps, few frames, small sizes;
 i2v15's short side is patched from 768 to 48 px), so the whole code path runs without a GPU. There the reference is
 EMULATED: enable_model_cpu_offload(device="cpu") installs and runs the same offload hooks, but nothing moves; CPU
@@ -92,6 +99,12 @@ LABELS = {
 CHANGES_OUTPUT = {"lora": "not lossless", "fbc": "LOSSY"}  # the configurations that are not lossless, as marked
 
 
+def label(name: str, model: str) -> str:
+    if name == "reference" and not MODELS[model].reference_offload:
+        return "reference (diffusers' example: resident, unfused, untiled)"
+    return LABELS[name]
+
+
 @dataclass(frozen=True)
 class Model:
     """A predictor under test. Its checkpoint (name, weights variable, dtype, placement) and its run() defaults come
@@ -102,6 +115,9 @@ class Model:
     inputs: dict[str, Any]  # run() inputs other than its defaults
     smoke_inputs: dict[str, Any]  # the same with --smoke
     smoke_constants: dict[str, Any] = field(default_factory=dict)  # module constants patched with --smoke
+    media: str | None = "image"  # the file run() is given: "image", "video" or none (text-to-video)
+    pipe_attr: str = "pipe"  # the predictor's pipeline that run() calls (t2v-v2v: the one on the same components)
+    reference_offload: bool = True  # the reference offloads to the CPU (else: resident, as diffusers' examples)
 
 
 MODELS = {
@@ -114,7 +130,28 @@ MODELS = {
         {"SHORT_SIDE": 48},  # the tiny VAE decodes 17 frames at 768x768 in ~10 s on one core (CPU conv3d)
     ),
     "v2v": Model(
-        "predict_v2v", ("slicing",), {}, {"width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 4}
+        "predict_v2v",
+        ("slicing",),
+        {},
+        {"width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 4},
+        media="video",
+    ),
+    "t2v": Model(  # diffusers' CogVideoXPipeline example: the hub's sampler (DDIM), guidance 6, no dynamic CFG
+        "predict_t2v",
+        (),
+        {"scheduler": "cogvideox_ddim", "use_dynamic_cfg": False},
+        {"scheduler": "cogvideox_ddim", "use_dynamic_cfg": False, "num_frames": 9, "num_inference_steps": 2},
+        media=None,
+        reference_offload=False,
+    ),
+    "t2v-v2v": Model(  # diffusers' CogVideoXVideoToVideoPipeline example: DPM, strength 0.8, no dynamic CFG
+        "predict_t2v",
+        (),
+        {"use_dynamic_cfg": False},
+        {"use_dynamic_cfg": False, "num_frames": 9, "num_inference_steps": 3},  # 3 x 0.8: 2 steps run
+        media="video",
+        pipe_attr="v2v",
+        reference_offload=False,
     ),
 }
 
@@ -147,11 +184,13 @@ def _make(device: str, dtype: torch.dtype, build: Callable[[], torch.nn.Module])
 
 def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
     """CogVideoXImageToVideoPipeline with THUDM/CogVideoX-5b-I2V's (i2v) or CogVideoX1.5-5B-I2V's (i2v15)
-    architecture, or a tiny one with the same architecture flags."""
+    architecture, or CogVideoXPipeline with THUDM/CogVideoX-5b's (t2v, t2v-v2v), or a tiny one with the same
+    architecture flags."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
         CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
     from transformers import T5Config, T5EncoderModel
@@ -171,9 +210,10 @@ def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, wo
         dit.update(sample_height=96, sample_width=170, sample_frames=81, use_learned_positional_embeddings=False)
         dit.update(patch_size_t=2, patch_bias=False, ofs_embed_dim=dit["time_embed_dim"])  # the two are added
         vae.update(invert_scale_latents=True)
-    else:
-        dit.update(sample_frames=49, use_learned_positional_embeddings=True)
+    else:  # 5b: learned position embeddings besides the rotary ones for image-to-video, rotary only for text
+        dit.update(sample_frames=49, use_learned_positional_embeddings=model == "i2v")
     latent = dit.pop("latent")
+    text_to_video = model.startswith("t2v")
     text_encoder = _make(
         device,
         dtype,
@@ -198,7 +238,7 @@ def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, wo
         device,
         dtype,
         lambda: CogVideoXTransformer3DModel(
-            in_channels=2 * latent,
+            in_channels=latent if text_to_video else 2 * latent,  # image-to-video: + the image's latents
             out_channels=latent,
             flip_sin_to_cos=True,
             freq_shift=0,
@@ -233,7 +273,8 @@ def build_cogvideox(model: str, smoke: bool, device: str, dtype: torch.dtype, wo
         ),
     )
     scheduler = CogVideoXDDIMScheduler(**tiny_weights.COGVIDEOX_5B_I2V_SCHEDULER_CONFIG)
-    return CogVideoXImageToVideoPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
+    pipeline = CogVideoXPipeline if text_to_video else CogVideoXImageToVideoPipeline
+    return pipeline(tokenizer, text_encoder, vae, transformer, scheduler)
 
 
 def build_v2v(smoke: bool, device: str, dtype: torch.dtype, workdir: Path) -> Any:
@@ -465,7 +506,8 @@ def count_flops(probe: Probe) -> int:
 
 
 def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
-    """A still image (i2v) and a 24-frame moving-gradient clip (v2v), in a size to be fitted as users' are."""
+    """A still image (i2v) and a 49-frame moving-gradient clip (v2v: its first 24; t2v-v2v: all), in a size to be
+    fitted as users' are."""
     rng = np.random.default_rng(SEED)
     width, height = (128, 72) if smoke else (960, 640)
     x = np.linspace(0, 255, width)[None, :, None] * np.array([1.0, 0.6, 0.3])
@@ -473,7 +515,7 @@ def write_inputs(workdir: Path, smoke: bool) -> tuple[Path, Path]:
     Image.fromarray(image).save(workdir / "input.png")
     width, height = (128, 72) if smoke else (640, 360)
     x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
-    frames = [np.stack([np.roll(x, 7 * i, axis=1), y, np.full_like(x, (i * 37) % 256)], axis=-1) for i in range(24)]
+    frames = [np.stack([np.roll(x, 7 * i, axis=1), y, np.full_like(x, (i * 37) % 256)], axis=-1) for i in range(49)]
     return workdir / "input.png", write_mp4(np.asarray(frames, dtype=np.uint8), 8, workdir / "input.mp4")
 
 
@@ -483,8 +525,9 @@ def run_inputs(model: str, smoke: bool, steps: int | None, image: Path, video: P
     inputs = {"prompt": PROMPT, "seed": SEED, **(spec.smoke_inputs if smoke else spec.inputs)}
     if steps:
         inputs["num_inference_steps"] = steps
-    media = "video" if model == "v2v" else "image"
-    return {media: CogPath(image if media == "image" else video), **inputs}  # cog.Path, as the server passes them
+    if spec.media:  # a cog.Path, as the server passes them
+        inputs[spec.media] = CogPath(image if spec.media == "image" else video)
+    return inputs
 
 
 def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
@@ -527,7 +570,13 @@ class Bench:
 
     @property
     def pipe(self) -> Any:
+        """The pipeline setup() loaded (and placed): the one holding the models."""
         return self.predictor.pipe
+
+    @property
+    def called(self) -> Any:
+        """The pipeline run() calls: t2v-v2v's is built on the loaded one's components."""
+        return getattr(self.predictor, MODELS[self.model].pipe_attr)
 
 
 def configure(name: str, bench: Bench) -> dict[str, Any]:
@@ -535,6 +584,9 @@ def configure(name: str, bench: Bench) -> dict[str, Any]:
     pipe, checkpoint = bench.pipe, checkpoint_of(bench.model)
     if name == "reference":
         unfuse(denoiser(pipe))  # as the model card loads it
+        if not MODELS[bench.model].reference_offload:  # diffusers' example: pipe.to("cuda")
+            pipe.to(bench.device)
+            return {"placement": "resident" if bench.device != "cpu" else "cpu", "vae": vae_savers(pipe)}
         pipe.enable_model_cpu_offload(device=bench.device)
         for saver in MODELS[bench.model].reference_vae:
             getattr(pipe.vae, f"enable_{saver}")()
@@ -687,7 +739,7 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
         model, predictor, device, workdir, run_inputs(model, args.smoke, args.steps, *write_inputs(workdir, args.smoke))
     )
     steps = bench.inputs.get("num_inference_steps", run_default(model, "num_inference_steps"))
-    strength = run_default(model, "strength") if model == "v2v" else 1.0
+    strength = run_default(model, "strength") if MODELS[model].media == "video" else 1.0
     executed = max(1, int(steps * strength))
     default_executed = int(run_default(model, "num_inference_steps") * strength)  # to extrapolate to the default
     result["settings"] = {
@@ -695,13 +747,13 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
         "executed_steps": executed,
         "repeats": args.repeats,
     }
-    probe = Probe(pipe)
+    probe = Probe(bench.called)
     reference: dict[str, Any] = {}
     last_run_s = 0.0
     budget = Budget(args.budget_s)
 
     for name in [c for c in CONFIGS if c in args.configs and c != "setup"]:
-        entry = result["configs"][name] = {"label": LABELS[name], "lossless": name not in CHANGES_OUTPUT}
+        entry = result["configs"][name] = {"label": label(name, model), "lossless": name not in CHANGES_OUTPUT}
         if reason := skip_reason(name, model, device):
             entry["skipped"] = reason
             continue

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["i2v", "i2v15", "v2v"]
+MODELS = ["i2v", "i2v15", "v2v", "t2v", "t2v-v2v"]
+COGVIDEOX = ["i2v", "i2v15", "t2v", "t2v-v2v"]
+OFFLOADED_REFERENCE = {"i2v", "i2v15", "v2v"}  # t2v's references are diffusers' examples: pipe.to("cuda")
 POSITIVE = [
     "e2e_s",
     "denoise_s",
@@ -30,7 +32,7 @@ POSITIVE = [
     "step_speedup_vs_reference",
 ]
 MEASURED = [(model, config) for model in MODELS for config in ("reference", "project")]
-MEASURED += [("i2v", "lora"), ("i2v15", "lora")]
+MEASURED += [(model, "lora") for model in COGVIDEOX]
 
 
 def positive(value: Any) -> bool:
@@ -64,7 +66,8 @@ def test_report_structure(smoke: dict) -> None:
 
 @pytest.mark.parametrize(
     ("model", "frames", "height", "width", "executed_steps"),
-    [("i2v", 9, 32, 48, 2), ("i2v15", 17, 48, 80, 2), ("v2v", 4, 64, 64, 2)],  # i2v15: 16:9 on a 48 px short side
+    [("i2v", 9, 32, 48, 2), ("i2v15", 17, 48, 80, 2), ("v2v", 4, 64, 64, 2), ("t2v", 9, 32, 48, 2)]
+    + [("t2v-v2v", 9, 32, 48, 2)],  # i2v15: 16:9 on a 48 px short side; t2v-v2v: 3 steps x strength 0.8
 )
 def test_runs_use_the_predictors_inputs(
     smoke: dict, model: str, frames: int, height: int, width: int, executed_steps: int
@@ -81,13 +84,17 @@ def test_each_configuration_reports_positive_numbers(smoke: dict, model: str, co
     entry = result["configs"][config]
     assert "error" not in entry and "skipped" not in entry, entry
     for key in POSITIVE:
+        if (model, key) == ("t2v", "vae_encode_s"):
+            assert entry[key] == 0.0  # text-to-video encodes no image or video
+            continue
         assert positive(entry[key]), (key, entry[key])
     assert "peak_gpu_mem_gib" in entry and entry["peak_gpu_mem_gib"] is None  # CPU: no GPU memory to report
     assert len(entry["runs"]) == result["settings"]["repeats"]
     assert entry["forwards"] == result["settings"]["executed_steps"]  # one CFG-batched forward per step
     assert result["flops_per_forward"] > 0
-    assert entry.get("placement") == {"reference": "offload", "project": "cpu", "lora": None}[config]
-    assert bool(entry.get("emulated")) == (config == "reference")
+    reference = "offload" if model in OFFLOADED_REFERENCE else "cpu"  # resident, on the CPU
+    assert entry.get("placement") == {"reference": reference, "project": "cpu", "lora": None}[config]
+    assert bool(entry.get("emulated")) == (config == "reference" and model in OFFLOADED_REFERENCE)
     assert entry["lossless"] is (config != "lora")
 
 
@@ -114,7 +121,7 @@ def test_configurations_give_the_same_latents(smoke: dict, model: str) -> None:
     assert result["configs"]["reference"]["latents_max_abs_diff"] == 0.0
 
 
-@pytest.mark.parametrize("model", ["i2v", "i2v15"])
+@pytest.mark.parametrize("model", COGVIDEOX)
 def test_lora_configuration(smoke: dict, model: str) -> None:
     """A rank-64 LoRA through the predictor's Loras: timed against the project, loaded once, switched cheaply, and
     it changes the output (by design, so not lossless) the same way run after run."""
@@ -133,7 +140,7 @@ def test_lora_configuration(smoke: dict, model: str) -> None:
 
 
 def test_lossy_mode_is_labelled_and_only_where_supported(smoke: dict) -> None:
-    for model in ("i2v", "i2v15"):
+    for model in COGVIDEOX:
         fbc = smoke["report"][model]["configs"]["fbc"]
         assert fbc["lossless"] is False and "LOSSY" in fbc["label"]
         assert fbc["tflops"] is None and fbc["tflops_effective"] > 0
@@ -157,7 +164,7 @@ def test_table_is_printed(smoke: dict) -> None:
         assert f"| {model} | {config}" in smoke["stdout"]
     for model in MODELS:
         assert f"{model} reference / project: e2e" in smoke["stdout"]
-    for model in ("i2v", "i2v15"):
+    for model in COGVIDEOX:
         assert f"{model} project + LoRA / project: per step" in smoke["stdout"]
 
 
@@ -171,6 +178,7 @@ def test_full_size_models_are_the_published_architectures() -> None:
         "i2v": cogvideox,
         "i2v15": {**cogvideox, "transformer": (5.57e9, 0.001)},  # 11.14 GB in bf16, as the hub files
         "v2v": {"text_encoder": (340_387_840, 0), "unet": (1.411e9, 0.01), "vae": (83_653_863, 0)},
+        "t2v": cogvideox,  # the patch embedding's 16 fewer input channels: 196,608 parameters fewer than I2V's
     }  # t5-v1_1-xxl encoder, SD 2 text encoder and SD VAE exactly; CogVideoX and zeroscope within 1%
     pipes = {}
     for model, components in expected.items():
@@ -182,6 +190,12 @@ def test_full_size_models_are_the_published_architectures() -> None:
             assert sum(p.numel() for p in module.parameters()) == pytest.approx(count, rel=rel), name
             assert {p.dtype for p in module.parameters()} == {dtype}
     transformer, unet = pipes["i2v"].transformer.config, pipes["v2v"].unet.config
+    t2v = pipes["t2v"].transformer.config
+    assert (t2v.in_channels, t2v.out_channels, t2v.sample_height, t2v.sample_width) == (16, 16, 60, 90)
+    assert not t2v.use_learned_positional_embeddings and t2v.use_rotary_positional_embeddings
+    assert type(pipes["t2v"]).__name__ == "CogVideoXPipeline"
+    i2v_params = sum(p.numel() for p in pipes["i2v"].transformer.parameters())
+    assert i2v_params - sum(p.numel() for p in pipes["t2v"].transformer.parameters()) == 16 * 2 * 2 * 3072
     assert (transformer.num_layers, transformer.num_attention_heads, transformer.attention_head_dim) == (42, 48, 64)
     assert (transformer.sample_height, transformer.sample_width, transformer.in_channels) == (60, 90, 32)
     assert transformer.use_learned_positional_embeddings and transformer.patch_size_t is None
