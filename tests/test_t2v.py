@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import tiny_weights
-from conftest import assert_same_video, decode_data_url, gradient_frames, read_mp4, write_video
+from conftest import assert_same_video, decode_data_url, gradient_frames, load_predictor, read_mp4, write_video
 from errors import InputError
 from fake_hub import FakeHub
 from harness import data_url
@@ -114,6 +114,25 @@ def test_one_copy_of_the_weights(t2v: Any) -> None:
 
     assert storages(t2v.v2v) == storages(t2v.pipe)
     assert len(storages(t2v.pipe)) > 100  # the parameters themselves, not one shared blob
+
+
+def test_video_to_video_with_cpu_offload(weights_urls: dict[str, str], clip: Path, tmp_path: Path) -> None:
+    """Offload placement (what setup chooses on a GPU without room), emulated on the CPU: the hooks live on the shared
+    models, and after a video-to-video call they are put back as the text-to-video pipeline's own calls leave them.
+    Both modes give what they give resident."""
+    predictor = load_predictor("t2v", weights_urls["t2v"], tmp_path / "cache")
+    frames = [fit_image(f, 96, 64, "center_crop") for f in read_frames(clip, 9, "first")]
+    settings = dict(prompt=PROMPT, negative_prompt="", width=96, height=64, scheduler="cogvideox_dpm", seed=1)
+    settings.update(num_inference_steps=2, guidance_scale=6.0, use_dynamic_cfg=False)
+    resident = [predictor.generate(pipe=predictor.v2v, video=frames, strength=1.0, **settings)]
+    resident.append(predictor.generate(num_frames=9, **settings))
+    predictor.pipe.enable_model_cpu_offload(device="cpu")
+    hooks = {name: getattr(predictor.pipe, name)._hf_hook for name in ("text_encoder", "transformer", "vae")}
+    offloaded = predictor.generate(pipe=predictor.v2v, video=frames, strength=1.0, **settings)
+    np.testing.assert_array_equal(offloaded, resident[0])
+    for name, hook in hooks.items():  # offload hooks installed afresh, as after the text-to-video pipeline's calls
+        assert getattr(predictor.pipe, name)._hf_hook is not hook, name
+    np.testing.assert_array_equal(predictor.generate(num_frames=9, **settings), resident[1])
 
 
 # --- video-to-video inputs -------------------------------------------------------------------------------------------
