@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler, VideoToVideoSDPipeline
 from PIL import Image
 
 import cog_compat
-from errors import InputError
+from errors import InputError, ServiceError
 from inputs import resolve_seed, validate_inputs
 from media import fit_image, output_path, read_video, write_mp4
 from pipelines import Checkpoint, load_pipeline
@@ -147,5 +147,7 @@ class Predictor(BaseRunner):
             output_type="np",
             callback=StepLogger(int(num_inference_steps * strength)).on_step,
         ).frames[0]
+        if not np.isfinite(output).all():  # a black video otherwise: NaN becomes 0 when encoded
+            raise ServiceError("The model produced NaN or infinite frames; this is not a problem with the input.")
         record_metric("frames", len(output))
         return output
