@@ -485,3 +485,11 @@ def test_served_directory_is_quiet_when_the_size_probe_hangs_up(tmp_path: Path, 
         server.shutdown()
     assert_installed(tmp_path / "model", f"http://127.0.0.1:{server.server_port}/w.tar")
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_model_index_key_outside_the_snapshot_is_refused(tmp_path: Path) -> None:
+    """A component named '..' would make the folder checks look outside the snapshot."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "..": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(WeightsError) as error:
+        weights._check_folder(tmp_path)
+    assert str(error.value) == "model_index.json names a component '..', which is not a folder name"
