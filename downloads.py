@@ -200,7 +200,9 @@ def _tar_httpx(url: str, tmp: Path) -> int:
         stop = threading.Event()
         chunks: Generator[bytes | bytearray, None, None]
         if ranged and size:
-            chunks = _parallel(client, url, size, chunk_size, concurrency, pool, stop)
+            chunks = _parallel(
+                client, url, size=size, chunk_size=chunk_size, concurrency=concurrency, pool=pool, stop=stop
+            )
         else:
             chunks = _get(client, url, 0, size, ranged=False)
         reader = _Reader(url, chunks, size)
@@ -245,6 +247,7 @@ def _probe(client: httpx.Client, url: str) -> tuple[int | None, bool]:
 def _parallel(
     client: httpx.Client,
     url: str,
+    *,
     size: int,
     chunk_size: int,
     concurrency: int,
@@ -259,7 +262,7 @@ def _parallel(
         start = next(starts, None)
         if start is not None:
             length = min(chunk_size, size - start)
-            window.append(pool.submit(_fetch_range, client, url, start, length, stop))
+            window.append(pool.submit(_fetch_range, client, url, start=start, length=length, stop=stop))
 
     for _ in range(concurrency):
         submit()
@@ -269,7 +272,7 @@ def _parallel(
         yield data
 
 
-def _fetch_range(client: httpx.Client, url: str, start: int, length: int, stop: threading.Event) -> bytearray:
+def _fetch_range(client: httpx.Client, url: str, *, start: int, length: int, stop: threading.Event) -> bytearray:
     buf = bytearray(length)  # preallocated: appending would reallocate and copy over and over
     view, pos = memoryview(buf), 0
     for piece in _get(client, url, start, length, ranged=True):

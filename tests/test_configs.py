@@ -23,7 +23,9 @@ def test_config_pins_what_the_tests_ran(name: str) -> None:
     config = yaml.safe_load((ROOT / name).read_text())
     build = config["build"]
     assert config["run"] == f"{CONFIGS[name]}:Predictor" and (ROOT / CONFIGS[name]).is_file()
-    assert build["sdk_version"] == pinned("requirements-dev.txt", "cog")  # cog_compat.py patches this version's internals
+    assert build["sdk_version"] == pinned(
+        "requirements-dev.txt", "cog"
+    )  # cog_compat.py patches this version's internals
     # cog's CUDA table stops before the pinned torch: without build.cuda, `cog build` refuses to start.
     assert build["cuda"] == TORCH_CUDA[pinned("requirements.txt", "torch")]
     assert build["gpu"] is True and build["python_requirements"] == "requirements.txt"

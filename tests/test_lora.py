@@ -123,7 +123,7 @@ def generate(predictor: Any, url: str = "", scale: float = 1.0, seed: int = 3) -
     )
 
 
-def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, scale: float = 1.0, seed: int = 3) -> np.ndarray:
+def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, *, scale: float = 1.0, seed: int = 3) -> np.ndarray:
     if path is not None:
         pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name="reference")
         pipe.set_adapters(["reference"], [scale])
@@ -156,7 +156,7 @@ def test_lora_equals_diffusers_own_loading(
     url, path = loras[name]
     without = generate(predictor)
     got = generate(predictor, url, scale)
-    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale))
+    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale=scale))
     assert np.abs(got - without).mean() > 1e-3  # the LoRA changes the video
 
 
@@ -175,7 +175,7 @@ def test_lora_on_q_k_v_with_cpu_offload(
     without = generate(predictor)
     got = generate(predictor, url, 0.9)
     assert pipe.transformer._hf_hook is not None  # still offloaded after loading the LoRA
-    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, 0.9))
+    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale=0.9))
     assert np.abs(got - without).mean() > 1e-3
     np.testing.assert_array_equal(generate(predictor), without)
 
