@@ -406,15 +406,38 @@ def test_cache_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert weights.cache_dir() / "cogvideox-5b-i2v" == tmp_path / "cogvideox-5b-i2v"
 
 
+# A stand-in that keeps pget v0.11.0's contract as its source (cmd/root, pkg/extract) has it: flags -c/-m/-x/-f among
+# others, exactly two arguments, a destination that must not exist (without -f), exit status 1 on any error with the
+# message last on stderr, and with -x files extracted as they stream: a failure leaves what was written in place.
 FAKE_PGET = """#!{python}
 import json, os, sys, tarfile
 with open(os.environ["FAKE_PGET_LOG"], "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
-dest = sys.argv[-1]
-if os.path.exists(dest):
-    sys.exit("pget: destination exists, use -f")
+args, flags = [], set()
+argv = iter(sys.argv[1:])
+for arg in argv:
+    if arg in ("-c", "-m", "-r", "--connect-timeout"):
+        next(argv)
+    elif arg in ("-x", "-f"):
+        flags.add(arg)
+    elif arg.startswith("-"):
+        print(f"Error: unknown shorthand flag: {{arg!r}}", file=sys.stderr)
+        sys.exit(1)
+    else:
+        args.append(arg)
+if len(args) != 2:
+    print(f"Error: accepts 2 arg(s), received {{len(args)}}", file=sys.stderr)
+    sys.exit(1)
+dest = args[1]
+if os.path.exists(dest) and "-f" not in flags:
+    print("pget: destination exists, use -f", file=sys.stderr)
+    sys.exit(1)
 if os.environ.get("FAKE_PGET_FAIL"):
-    sys.exit("pget: download failed: 404 Not Found")
+    os.makedirs(os.path.join(dest, "unet"))  # extracted before the failure, left in place
+    with open(os.path.join(dest, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"half")
+    print("pget: download failed: 404 Not Found", file=sys.stderr)
+    sys.exit(1)
 os.makedirs(dest)
 with tarfile.open(os.environ["FAKE_PGET_TAR"]) as tar:
     tar.extractall(dest, filter="fully_trusted")
@@ -470,7 +493,8 @@ def test_pget_failure_is_reported(fake_pget: Path, tmp_path: Path, monkeypatch: 
     with pytest.raises(WeightsError, match=r"pget failed \(pget: download failed: 404 Not Found\)") as exc:
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
-    assert_nothing_installed(tmp_path / "model")
+    assert_nothing_installed(tmp_path / "model")  # what pget extracted before failing is removed too
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
 
 
 def test_served_directory_is_quiet_when_the_size_probe_hangs_up(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
