@@ -53,7 +53,7 @@ class Predictor(BaseRunner):
         prompt: str = Input(description="Text describing the video you want.", default=""),
         negative_prompt: str = Input(description="Things you do not want to see in the video.", default=""),
         strength: float = Input(
-            description="How much to change the video: 0 keeps it, 1 ignores it. 0.6-0.85 suits upscaling.",
+            description="How much to change the video: 0 keeps it, 1 ignores it. The model card suggests 0.66-0.85 for upscaling.",  # noqa: E501
             ge=0.0,
             le=1.0,
             default=0.6,
