@@ -86,6 +86,7 @@ class Loras:
         self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> source, least recently used first
         self.active: str | None = None
         self.scale = 0.0
+        self.resolved: dict[str, Source] = {}  # hf:// reference -> the pinned file it last resolved to
 
     def use(self, url: str, scale: float) -> None:
         """Make the LoRA at ``url`` with ``scale`` active for the next pipeline call; blank url or scale 0: none.
@@ -140,8 +141,12 @@ class Loras:
         try:
             info = hub_file(source, ".safetensors")
         except WeightsError as error:
+            if source.text in self.resolved:  # the hub is unreachable now: the commit it named last time will do
+                logger.warning("Using %s as last resolved: %s", self.resolved[source.text].text, error)
+                return self.resolved[source.text]
             raise InputError(f"Invalid input `lora_url`: {error} ({source.text}).") from None
         self._check_base_model(info.base_model, "its model card")
+        self.resolved[source.text] = info.source
         return info.source
 
     def _fetch(self, source: Source, name: str) -> Path:

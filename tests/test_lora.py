@@ -606,8 +606,8 @@ def test_declared_length_is_enforced(predictor: Any, loras: dict[str, Any], file
     )
 
 
-def test_hub_lora_follows_its_repo_and_metadata_names_the_base_model(
-    predictor: Any, loras: dict[str, Any], lora_hub: FakeHub, tmp_path: Path
+def test_hub_lora_follows_its_repo_and_outlives_a_hub_outage(
+    predictor: Any, loras: dict[str, Any], lora_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """hf://OWNER/NAME is resolved to a commit on each use: a new commit of the repo is fetched again."""
     first = generate(predictor, "hf://someone/boat-lora")
@@ -617,6 +617,11 @@ def test_hub_lora_follows_its_repo_and_metadata_names_the_base_model(
     second = generate(predictor, "hf://someone/boat-lora")
     np.testing.assert_array_equal(second, generate(predictor, loras["other"][0]))
     assert np.abs(first - second).mean() > 1e-3
+    lora_hub.fail("/api/models/someone/boat-lora", status=403)  # the hub refuses now: the last commit resolved serves
+    warnings: list[str] = []
+    monkeypatch.setattr(lora.logger, "warning", lambda message, *args: warnings.append(message % args))
+    np.testing.assert_array_equal(generate(predictor, "hf://someone/boat-lora"), second)
+    assert len(warnings) == 1 and warnings[0].startswith("Using hf://someone/boat-lora@")
 
 
 def test_server_a_crafted_lora_breaks_nothing_for_the_next_caller(
