@@ -15,10 +15,12 @@ from cog import BaseRunner
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 import cog_compat
+from errors import ServiceError
 from lora import Loras
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, record_metric
 
+BROKEN_FRAMES = "The model produced NaN or infinite frames; this is not a problem with the input."
 SCHEDULERS = {"cogvideox_dpm": CogVideoXDPMScheduler, "cogvideox_ddim": CogVideoXDDIMScheduler}
 
 
@@ -99,5 +101,7 @@ class CogVideoXPredictor(BaseRunner):
             # With CPU offload the hooks live on the shared models, but only self.pipe puts them all back after a
             # call (another pipeline object would leave its last model on the GPU): do it for that one too.
             self.pipe.maybe_free_model_hooks()
+        if not np.isfinite(frames).all():  # a black video otherwise: NaN becomes 0 when encoded
+            raise self.loras.blame_for_broken_frames() or ServiceError(BROKEN_FRAMES)
         record_metric("frames", len(frames))
         return frames
