@@ -4,6 +4,7 @@ and through the Cog server."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -235,13 +236,19 @@ def test_lora_is_exact_in_both_modes(t2v: Any, reference: Any, t2v_lora: tuple[s
 
 
 def with_base_model(path: Path, dest: Path, base_model: str) -> Path:
-    """A copy of a LoRA file whose safetensors metadata names its base model (as trainers write it)."""
+    """A copy of a LoRA file whose safetensors metadata names its base model as trainers write it: in diffusers'
+    adapter metadata (peft's base_model_name_or_path) where the file has that, else as a plain header entry."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as file:
-        metadata = file.metadata() or {}
+        header = file.metadata() or {}
+    if "lora_adapter_metadata" in header:
+        adapter = json.loads(header["lora_adapter_metadata"])
+        header["lora_adapter_metadata"] = json.dumps({**adapter, "transformer.base_model_name_or_path": base_model})
+    else:
+        header["base_model"] = base_model
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(load_file(path), dest, metadata={**metadata, "base_model": base_model})
+    save_file(load_file(path), dest, metadata=header)
     return dest
 
 
@@ -251,13 +258,14 @@ def family_loras(tiny_folders: dict[str, Path], served_dir: Path, weights_server
     adapt patch_embed.proj (the layer whose input channels differ: 16 latent channels, or 32 with the image's)."""
     base = served_dir / "family"
     attention = functools.partial(tiny_weights.build_lora, targets=("to_q", "to_v"), seed=9)
+    bare = functools.partial(attention, metadata=False)  # as diffusers' CogVideoX scripts save: no adapter metadata
     patch_embed = functools.partial(tiny_weights.build_lora, targets=("to_q", "patch_embed.proj"))
     made = {
         "t2v-says-5b": with_base_model(
             attention(tiny_folders["t2v"], base / "a"), base / "t2v.safetensors", "THUDM/CogVideoX-5b"
         ),
         "i2v-says-5b-I2V": with_base_model(
-            attention(tiny_folders["i2v"], base / "b"), base / "i2v.safetensors", "THUDM/CogVideoX-5b-I2V"
+            bare(tiny_folders["i2v"], base / "b"), base / "i2v.safetensors", "THUDM/CogVideoX-5b-I2V"
         ),
         "t2v-patch-embed": patch_embed(tiny_folders["t2v"], base / "c"),
         "i2v-patch-embed": patch_embed(tiny_folders["i2v"], base / "d"),
