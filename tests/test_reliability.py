@@ -185,7 +185,7 @@ def test_out_of_memory_in_process_is_clear_and_frees_memory(
     np.testing.assert_array_equal(read_mp4(i2v.run(image=image, **I2V_BASE))[1], expected)
 
 
-@pytest.mark.parametrize("model", ["i2v", "v2v"])
+@pytest.mark.parametrize("model", ["i2v", "v2v", "t2v"])
 def test_out_of_memory_through_the_server(reliable: Any, model: str) -> None:
     r = reliable(model)
     rss_before = r.worker().memory_info().rss
