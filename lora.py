@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from errors import InputError, WeightsError
+from memory import use_unfused_qkv
 from reporting import logger, record_metric
 from weights import Source, cache_dir, fetch_file, hub_base_model
 
@@ -68,6 +69,7 @@ class Loras:
             self._load(path, name, source.text)
         self.loaded.move_to_end(name)
         self.active = name
+        use_unfused_qkv(self.pipe.transformer, True)  # resident and fused: the unfused projections onto the GPU
         self.pipe.transformer.set_attn_processor(dict(self.unfused))  # it empties the dict it is given
         self.pipe.enable_lora()  # set_adapters alone does not undo disable_lora
         self.pipe.set_adapters([name], [scale])
@@ -77,6 +79,7 @@ class Loras:
         if self.active:
             self.pipe.disable_lora()
             self.pipe.transformer.set_attn_processor(dict(self.fused))
+            use_unfused_qkv(self.pipe.transformer, False)
             self.active = None
 
     def _fetch(self, source: Source, name: str) -> Path:

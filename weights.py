@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
-import logging
 import os
 import re
 import secrets
@@ -34,8 +33,9 @@ from filelock import FileLock, Timeout
 import downloads
 from downloads import RETRIES, DownloadError
 from errors import WeightsError
+from reporting import logger
 
-log = logging.getLogger(__name__)
+log = logger.getChild(__name__)  # "predict.weights": the predict logger's handler shows it in Cog's logs
 
 MARKER = ".weights-complete.json"
 HUB_WORKERS = 8  # files downloaded at once from the hub
