@@ -203,10 +203,11 @@ def test_a_cold_start_is_in_the_cog_servers_log(cog_server: Any) -> None:
     """The session's i2v server fetched its weights into a fresh cache at setup: what and how fast is in the log the
     server itself writes (weights.py and downloads.py log through the predict logger), not only in pytest's capture."""
     server = cog_server("i2v")
-    text = Path(server.log.name).read_text()
-    fetched = [line for line in text.splitlines() if "Downloading http://127.0.0.1:" in line]
-    assert fetched and "bytes" in fetched[0], fetched
-    installed = [line for line in text.splitlines() if line.startswith("Installed http://127.0.0.1:")]
+    lines = [json.loads(line) for line in Path(server.log.name).read_text().splitlines() if line.startswith("{")]
+    setup = [line["fields"]["message"] for line in lines if line.get("target") == "coglet::setup"]  # the worker's
+    fetched = [message for message in setup if message.startswith("Downloading http://127.0.0.1:")]
+    assert fetched and "bytes" in fetched[0], setup
+    installed = [message for message in setup if message.startswith("Installed http://127.0.0.1:")]
     assert installed and re.search(r": [\d.]+ MB, \d+ files in [\d.]+ s \([\d.]+ MB/s\)$", installed[0]), installed
 
 
