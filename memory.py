@@ -15,23 +15,36 @@ The model (``phase_peaks``), per phase of a prediction, in the checkpoint's dtyp
               W/16 video tokens + 226 text tokens; CFG doubles the batch); SDPA's flash / memory-efficient kernels
               keep attention linear in the sequence. Zeroscope: the UNet's activations per latent pixel and frame.
   VAE decode  CogVideoX decodes 2-3 latent frames at a time (conv cache), so the peak is one such batch over the
-              frame (or one tile: 240 x 360 for 5b, 384 x 680 for 1.5) plus the video accumulated in the output
-              dtype and its float32 copy; zeroscope decodes all frames at once unless sliced, tiles of 768 x 768.
+              frame (or one 240 x 360 tile: the VAE config's 480x720 halved; assumed the same for 1.5) plus the video
+              in the output dtype and its float32 copy; zeroscope decodes all frames at once unless sliced, tiles of
+              768 x 768.
 
 The activation coefficients are peaks measured on the CPU in float32 at real channel widths (benchmarks/memory.py,
 peak resident set of a fresh process above the weights and input; reduced sizes, fitted per pixel or per token),
-scaled to 2 bytes an element. CUDA kernels and the caching allocator differ from the CPU's (cuDNN workspaces,
+scaled to 2 bytes an element (bf16/fp16 halve every tensor; kernels that upcast internally, e.g. normalisations,
+are covered by the margin). CUDA kernels and the caching allocator differ from the CPU's (cuDNN workspaces,
 fragmentation, rounding), so a placement must leave ACTIVATION_MARGIN of the activations and HEADROOM free on top:
-the figures below are predictions for the first GPU run to check (benchmarks/gpu.py records each phase's peak next
-to them). Measured (CPU, float32, MiB above weights + input) vs this model:
+the figures are predictions for the first GPU run to check (benchmarks/gpu.py records each phase's peak next to
+them). The measurements (MiB above weights + input, float32; per unit in elements):
 
-  cogvideox_vae_decode  96x64, 3 latent frames   422  |  model  see CALIBRATION below
-  (the full table: CALIBRATION)
+  CogVideoX VAE decode, 3 latent frames   96x64: 422, 192x128: 1634     17,200 per output pixel + 17 MiB
+  CogVideoX VAE encode, 1 frame           96x64:  87, 192x128:  293      2,920 per pixel + 19 MiB (3,120 used)
+  SD VAE decode                           256x144 x1: 157, x4: 447; 512x288 x1: 562
+                                                                          690 per pixel-frame + 270 per pixel
+  SD VAE encode                           256x144 x4: 370                  660 per pixel-frame
+  CogVideoX block (3072 wide), batch 2    2,926 tokens: 774, 5,626: 1470  11.0 x 3072 per token and sample
+  UNet3D, batch 2                         512x288 x2: 392, x4: 764         10,600 per latent pixel, frame, sample
+                                          (256x144 x2: 164, x4: 207: a ~90 MiB CPU constant dominates small sizes)
+
+Tolerance: the suite checks one SD VAE decode within ACTIVATION_MARGIN (tests/test_memory.py); benchmarks/memory.py
+prints every case against the model. Cross-check: zeroscope's card reports 15.3 GB for 30 frames at 1024x576;
+the model gives 3.4 GiB of weights + 10.9 GiB of UNet activations = 15.4 GB at the denoising peak.
 
 Placement (``GpuMemory``): the budget is the GPU memory free at setup, before any weights; each prediction gets the
-fastest plan whose every phase fits: resident (fused Q/K/V), then resident with VAE slicing, then with tiling too,
-then model CPU offload (unfused) with the same VAE steps. Nothing fits: the input is refused (InputError) naming
-the largest frame count that would fit at that size. Each decision is logged with its figures.
+fastest plan whose every phase fits: resident (fused Q/K/V), then resident with VAE slicing (zeroscope; CogVideoX
+decodes a batch of one), then with tiling too, then model CPU offload (unfused) with the same VAE steps. Nothing
+fits: the input is refused (InputError) naming the largest frame count that would fit at that size. Each decision
+is logged with its figures.
 """
 
 from __future__ import annotations
@@ -62,7 +75,6 @@ UNET_PER_LATENT = 10_600.0  # UNet3D: per latent pixel (H/8 x W/8), frame and ba
 TEXT_ACTIVATION = 256 * 2**20  # T5 XXL on 226 tokens (gated FF 10240 wide) or CLIP on 77: tens of MB; a bound
 ACTIVATION_MARGIN = 0.25  # CPU-measured activations may be off by this much on CUDA (kernels, allocator)
 HEADROOM = int(1.5 * GIB)  # cuBLAS/cuDNN workspaces, allocator rounding, latents and small tensors
-CALIBRATION: list[str] = []  # filled from benchmarks/memory.py's output (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -343,7 +355,7 @@ class GpuMemory:
     def fused(self) -> bool:
         """Whether setup should fuse the denoiser's Q/K/V: on the CPU (tests: the GPU's resident path) and when the
         default request runs resident; never under CPU offload, where the copy would move with every call."""
-        return self.current is None or self.current.placement == "resident"
+        return self.current is None or self.current.fused
 
     def place(self, pipe: Any) -> Plan | None:
         """Place a freshly loaded pipeline for the model's default request (CPU: stays there)."""
