@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import gc
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -264,10 +264,8 @@ def calibration_figure(kind: str, *, dtype_bytes: int, **case: int) -> float:
     cv = replace(ARCHITECTURES["CogVideoX-5b-I2V"], dtype_bytes=dtype_bytes)
     sd = replace(ARCHITECTURES["zeroscope_v2_XL"], dtype_bytes=dtype_bytes)
     if kind == "cogvideox_vae_decode":
-        frames = 1 + 4 * (case["latent_frames"] - 1)
-        return (CV_DECODE_PER_PIXEL * case["width"] * case["height"] + CV_DECODE_FIXED) * dtype_bytes + 3 * case[
-            "width"
-        ] * case["height"] * frames * dtype_bytes
+        frames, pixels = 1 + 4 * (case["latent_frames"] - 1), case["width"] * case["height"]
+        return (CV_DECODE_PER_PIXEL * pixels + CV_DECODE_FIXED + 3 * pixels * frames) * dtype_bytes
     if kind == "cogvideox_vae_encode":
         return vae_encode_bytes(cv, Request(case["width"], case["height"], 1), slicing=False, tiling=False)
     if kind == "sd_vae_decode":
@@ -290,7 +288,6 @@ def plan(
     lora_bytes: int = 0,
     fused: bool | None = None,
     always_tile: bool = False,
-    placements: Sequence[str] = ("resident", "offload"),
 ) -> Plan:
     """The fastest plan that fits `budget` bytes, or the most frugal one (``fits`` False) when none does.
 
@@ -301,7 +298,7 @@ def plan(
     if arch.family == "unet3d":
         steps = [(False, False), (True, False), (True, True)]
     candidates = []
-    for placement in placements:
+    for placement in ("resident", "offload"):
         for slicing, tiling in steps:
             if always_tile and not tiling:
                 continue
