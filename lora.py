@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from errors import InputError, ServiceError, WeightsError
 from memory import use_unfused_qkv
 from reporting import logger, record_metric
-from weights import Source, cache_dir, fetch_file, hub_file
+from weights import Source, cache_dir, cache_file, hub_file
 
 MAX_FILE_BYTES = 2 * 10**9  # a rank-128 LoRA on every linear layer of a 5B transformer is ~1.4 GB in float32
 CACHE_BYTES = 20 * 10**9  # the LoRA files kept on disk, least recently used deleted first
@@ -156,7 +156,7 @@ class Loras:
         folder = cache_dir() / "loras"
         path = folder / f"{name}.safetensors"
         try:
-            metrics = fetch_file(
+            metrics = cache_file(
                 source,
                 path,
                 max_bytes=MAX_FILE_BYTES,
