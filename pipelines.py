@@ -102,7 +102,7 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 def speed_up(model: Any, *, fuse: bool = True, compile_blocks: bool = False) -> None:
-    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement. Lossless.
+    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement, without changing its output.
 
     With `fuse`, fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the
     pipeline's latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). The unfused projections stay (LoRAs need
