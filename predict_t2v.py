@@ -21,7 +21,6 @@ CHECKPOINT = Checkpoint(
     source="https://weights.replicate.delivery/default/THUDM/CogVideo/model_cache.tar",
     pipeline=CogVideoXPipeline,
     cuda_dtype=torch.bfloat16,
-    resident_gib=40,  # as 5b-I2V: ~21 GiB of bf16 weights + 720x480x49 activations and the untiled VAE
 )
 # Input() arguments stay literals (or module-level literals): `cog build` reads the schema statically.
 FRAME_COUNTS = [9, 17, 25, 33, 41, 49]  # 8N+1: other counts come out as mosaics or the wrong length
@@ -117,7 +116,15 @@ class Predictor(CogVideoXPredictor):
             pipe, mode_inputs = self.v2v, {"video": frames, "strength": strength}
         seed = resolve_seed(seed)
         self.loras.use(lora_url, lora_scale)
-        with phase("inference"):
+        encoded = len(mode_inputs.get("video", []))  # the frames the VAE encodes: the clip's, or none
+        fits = self.memory.fit(
+            width=self.width,
+            height=self.height,
+            frames=encoded or num_frames,
+            guidance_scale=guidance_scale,
+            encoded=encoded,
+        )
+        with phase("inference"), fits:
             output = self.generate(
                 pipe=pipe,
                 prompt=prompt,

@@ -14,6 +14,7 @@ LAYERS = [
     "cogvideox",
     "lora",
     "pipelines",
+    "memory",
     "weights",
     "downloads",
     "media",

@@ -15,6 +15,7 @@ from diffusers import CogVideoXPipeline, CogVideoXVideoToVideoPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import memory
 import tiny_weights
 from conftest import assert_same_video, decode_data_url, gradient_frames, load_predictor, read_mp4, write_video
 from errors import InputError
@@ -137,6 +138,24 @@ def test_video_to_video_with_cpu_offload(weights_urls: dict[str, str], clip: Pat
     for name, hook in hooks.items():  # offload hooks installed afresh, as after the text-to-video pipeline's calls
         assert getattr(predictor.pipe, name)._hf_hook is not hook, name
     np.testing.assert_array_equal(predictor.generate(num_frames=9, **settings), resident[1])
+
+
+def test_memory_model_counts_what_each_mode_encodes() -> None:
+    """Text-to-video encodes nothing; video-to-video encodes the clip, 9 frames at a time (benchmarks/memory.py
+    measured 225 / 855 MiB in float32 for 9 frames at 96x64 / 192x128 against 87 / 293 for one)."""
+    arch = memory.ARCHITECTURES["CogVideoX-5b"]
+
+    def encode(frames: int, encoded: int) -> int:
+        request = memory.Request(720, 480, frames, encoded=encoded)
+        return memory.vae_encode_bytes(arch, request, slicing=False, tiling=False)
+
+    one_image, clip = encode(49, 1), 3 * 720 * 480 * 49 * (4 + 2)
+    assert encode(49, 0) == 0 < one_image
+    nine_at_once = int((memory.CV_ENCODE_PER_PIXEL + 8 * memory.CV_ENCODE_PER_EXTRA_FRAME) * 720 * 480 * 2)
+    assert encode(49, 49) == nine_at_once + clip  # 49 = 9 + 5 x 8: the first batch is the largest
+    for (width, height), mib in (((96, 64), 225), ((192, 128), 855)):  # the model's figure within 10% of each
+        figure = memory.calibration_figure("cogvideox_vae_encode", dtype_bytes=4, width=width, height=height, frames=9)
+        assert abs(figure / 2**20 - mib) <= 0.1 * mib, (width, height, figure / 2**20)
 
 
 # --- video-to-video inputs -------------------------------------------------------------------------------------------
