@@ -29,6 +29,7 @@ from conftest import HUB_REPOS, MODULES
 from errors import WeightsError
 from fake_hub import FakeHub
 from harness import ROOT
+from memory import GpuMemory
 from pipelines import load_pipeline
 from weights import MARKER, fetch_weights
 
@@ -309,7 +310,7 @@ def test_loads_every_stored_tensor_exactly(
     source = weights_urls[model] if kind == "tar" else f"hf://{HUB_REPOS[model]}"
     monkeypatch.setenv(checkpoint.variable, source)
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path))
-    pipe, _ = load_pipeline(checkpoint)
+    pipe, _ = load_pipeline(checkpoint, GpuMemory(checkpoint.name))
     tiny_weights.assert_loads_exactly(pipe, tiny_folders[model])
 
 
@@ -318,7 +319,7 @@ def load_from_hub(repo: str, folder: Path, tmp_path: Path, monkeypatch: pytest.M
     checkpoint = importlib.import_module("predict_i2v").CHECKPOINT
     monkeypatch.setenv(checkpoint.variable, f"hf://{repo}")
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path / "cache"))
-    return load_pipeline(checkpoint)
+    return load_pipeline(checkpoint, GpuMemory(checkpoint.name))
 
 
 def rewrite_shard(folder: Path, component: str, change: Any) -> None:
@@ -386,7 +387,7 @@ def test_bin_pickles_load_weights_only(
     monkeypatch.setenv(checkpoint.variable, "hf://someone/pickled")
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(WeightsError) as error:
-        load_pipeline(checkpoint)
+        load_pipeline(checkpoint, GpuMemory(checkpoint.name))
     assert str(error.value).startswith(
         "The weights in ZEROSCOPE_XL_WEIGHTS_URL (hf://someone/pickled) could not be loaded: "
     )
