@@ -299,8 +299,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 )
             settings[field] = value
     _check_settings(settings)
-    base = next((v for k, v in header.items() if "base_model" in k), None)
-    settings.setdefault("base_model_name_or_path", base)
+    if not settings.get("base_model_name_or_path"):  # peft writes None there when it knows nothing
+        settings["base_model_name_or_path"] = next((v for k, v in header.items() if "base_model" in k), None)
     return state, settings
 
 

@@ -653,3 +653,17 @@ def test_server_a_crafted_lora_breaks_nothing_for_the_next_caller(
     )
     first = video(server.predict(**inputs, lora_url=dropout), "d1")
     np.testing.assert_array_equal(video(server.predict(**inputs, lora_url=dropout), "d2"), first)
+
+
+def test_a_plain_base_model_header_counts_beside_adapter_metadata(
+    predictor: Any, loras: dict[str, Any], files: Files, tmp_path: Path
+) -> None:
+    """A file with diffusers' adapter metadata (whose base_model_name_or_path peft leaves None) and a plain
+    base_model header entry, as some trainers write both: the header entry is read."""
+    path = tmp_path / "x.safetensors"
+    rewrite(loras["full"][1], path)
+    with safe_open(path, "pt") as file:
+        tensors, header = {key: file.get_tensor(key) for key in file.keys()}, file.metadata()  # noqa: SIM118
+    save_file(tensors, path, metadata={**header, "base_model": "THUDM/CogVideoX1.5-5B-I2V"})
+    with pytest.raises(InputError, match="this LoRA is for THUDM/CogVideoX1.5-5B-I2V \\(its metadata says so\\)"):
+        generate(predictor, files.add("header-base.safetensors", path.read_bytes()))
