@@ -1,4 +1,4 @@
-"""What the CogVideoX image-to-video predictors share: setup, samplers, LoRAs and the pipeline call.
+"""What the CogVideoX image-to-video predictors share: setup, samplers, LoRAs, RIFE and the pipeline call.
 
 Each predictor (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) subclasses CogVideoXPredictor with its checkpoint and prompt
 length, and writes its own run(): the inputs differ (sizes, frame counts), the generation does not.
@@ -15,6 +15,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 import cog_compat
+from interpolation import load_rife
 from lora import Loras
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, record_metric
@@ -36,6 +37,8 @@ class CogVideoXPredictor(BaseRunner):
             for name, cls in SCHEDULERS.items()
         }
         self.loras = Loras(self.pipe, self.checkpoint.name)
+        self.rife, rife_timings = load_rife(offload=self.pipe.device.type != "cuda")  # frame interpolation
+        self.setup_timings |= rife_timings
 
     def warm_up(self, width: int, height: int, num_frames: int) -> None:
         """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up."""

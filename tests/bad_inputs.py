@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import ffmpeg, gradient_frames, rotate_video, write_video
 
 # The valid request every case starts from (tiny models: i2v makes 64x96 frames).
-I2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 1, "fps": 8, "seed": 1}
+# interpolation 1 (the model's default is 2): the corpus's frame counts and fps bounds are those of the generation.
+I2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 1, "fps": 8, "interpolation": 1, "seed": 1}
 V2V_BASE = {
     "prompt": "a boat",
     "width": 64,
