@@ -15,11 +15,13 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 import cog_compat
+from errors import ServiceError
 from interpolation import load_rife
 from lora import Loras
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, record_metric
 
+BROKEN_FRAMES = "The model produced NaN or infinite frames; this is not a problem with the input."
 SCHEDULERS = {"cogvideox_dpm": CogVideoXDPMScheduler, "cogvideox_ddim": CogVideoXDDIMScheduler}
 
 
@@ -90,5 +92,7 @@ class CogVideoXPredictor(BaseRunner):
             output_type="np",
             callback_on_step_end=StepLogger(num_inference_steps).on_step_end,
         ).frames[0]
+        if not np.isfinite(frames).all():  # a black video otherwise: NaN becomes 0 when encoded
+            raise self.loras.blame_for_broken_frames() or ServiceError(BROKEN_FRAMES)
         record_metric("frames", len(frames))
         return frames

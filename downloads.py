@@ -1,10 +1,13 @@
 """HTTP downloads: a tar streamed into a folder, or one file; retried, resumed and checked.
 
 ``fetch_tar(url, dest)`` uses ``pget -x`` when it is on PATH, otherwise parallel HTTP range requests on httpx
-streamed straight into a safe tar extraction. ``fetch_file(url, dest, max_bytes)`` downloads one file (a LoRA),
-refusing one over ``max_bytes``. Both retry transient errors (5xx, 429, dropped connections) and resume where they
-stopped. Environment: WEIGHTS_CONCURRENCY, WEIGHTS_CHUNK_SIZE (e.g. "16M"); pget also reads its own PGET_* variables.
-Errors are DownloadError, whose message is a fragment for the caller to put in context (it names no URL).
+streamed straight into a safe tar extraction. ``fetch_file(url, dest, ...)`` downloads one file (a LoRA) with an
+overall time limit, refusing one over ``max_bytes``, and returns as soon as the calling thread is interrupted (Cog's
+cancel). Both retry transient errors (5xx, 429, dropped connections, a stall of STALL_S without a byte) and resume
+where they stopped; permanent ones (DNS, TLS, refused connection, unsupported scheme, too many redirects, a 4xx) fail
+at once; a body longer than its declared length is refused. Environment: WEIGHTS_CONCURRENCY, WEIGHTS_CHUNK_SIZE (e.g.
+"16M"); pget also reads its own PGET_* variables. Errors are DownloadError, whose message is a fragment for the caller
+to put in context (it names no URL).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import shutil
 import stat
 import subprocess
@@ -19,20 +23,25 @@ import tarfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import httpx
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRIES = 5  # attempts per request
 RETRY_BASE_S = 0.5  # exponential backoff: 0.5 s, 1 s, 2 s, 4 s
+STALL_S = 20.0  # an attempt fails when no byte arrives for this long (then it is retried)
+POLL_S = 0.25  # how often a waiting caller wakes up, so that a cancel lands within it
 PROGRESS_EVERY_S = 5.0
 DEFAULT_CONCURRENCY = "8"
 DEFAULT_CHUNK_SIZE = "16M"
-_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+_TIMEOUT = httpx.Timeout(STALL_S, connect=10.0)
+_DIGITS = re.compile(r"[0-9]{1,18}")  # a byte count as HTTP writes it (str.isdigit() also accepts '²')
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -55,20 +64,102 @@ def fetch_tar(url: str, dest: Path) -> int | None:
     return received
 
 
-def fetch_file(url: str, dest: Path, max_bytes: int) -> int:
-    """Download ``url`` into the file ``dest`` (created), refusing a body over ``max_bytes``; return its size."""
-    with _client(1) as client:
-        size, ranged = _probe(client, url)
-        if size is not None and size > max_bytes:
-            raise DownloadError(f"the file is {size:,} bytes, over the limit of {max_bytes:,}")
-        received = 0
-        with dest.open("wb") as out:
-            for piece in _get(client, url, 0, size, ranged=ranged and size is not None):
-                received += len(piece)
-                if received > max_bytes:
-                    raise DownloadError(f"the file is over the limit of {max_bytes:,} bytes")
-                out.write(piece)
-    return received
+def fetch_file(
+    url: str,
+    dest: Path,
+    *,
+    max_bytes: int,
+    time_limit: Callable[[int | None], float],
+    make_room: Callable[[int], None],
+) -> int:
+    """Download ``url`` into the file ``dest`` (created); return its size.
+
+    A body over ``max_bytes`` is refused (before any byte when the server declares its size). The whole download
+    must end within ``time_limit(size)`` seconds (size None while unknown). ``make_room(n)`` is called before the
+    first byte is written, with the declared size (or ``max_bytes`` if none). The calling thread only waits: an
+    exception raised in it (Cog's cancel) stops the download within POLL_S, the connection being closed behind it.
+    """
+    stop = threading.Event()
+    deadline = [time.monotonic() + time_limit(None)]
+
+    def download() -> int:
+        with _client(1) as client:
+            size, ranged = _probe(client, url)
+            if size is not None and size > max_bytes:
+                raise DownloadError(f"the file is {size:,} bytes, over the limit of {max_bytes:,}")
+            deadline[0] = deadline[0] - time_limit(None) + time_limit(size)
+            make_room(size if size is not None else max_bytes)
+            received = 0
+            with dest.open("wb") as out:
+                for piece in _get(client, url, 0, size, ranged=ranged and size is not None):
+                    if stop.is_set():
+                        raise DownloadError("stopped")
+                    received += len(piece)
+                    if received > max_bytes:
+                        raise DownloadError(f"the file is over the limit of {max_bytes:,} bytes")
+                    out.write(piece)
+        return received
+
+    return interruptible(download, deadline=deadline, stop=stop)
+
+
+def interruptible(work: Callable[[], T], *, deadline: list[float], stop: threading.Event | None = None) -> T:
+    """Run ``work`` in a thread while this one waits in slices of POLL_S, so that an exception raised in this thread
+    (Cog's cancel), or the deadline passing, returns at once; ``stop`` then tells the worker to end at its next read
+    (a stalled read ends within STALL_S). ``deadline[0]`` is a time.monotonic() the worker may move."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="download", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(POLL_S)
+            if worker.is_alive() and time.monotonic() > deadline[0]:
+                raise DownloadError("the download took too long (the server is too slow or stalled)")
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def describe(exc: BaseException) -> str:
+    """One phrase for an HTTP failure, without a library's class name where a plainer word exists."""
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "the URL's scheme is not http or https"
+    if isinstance(exc, httpx.InvalidURL | UnicodeError):
+        return "the URL is not valid"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "the connection timed out"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc).lower()
+        if "name or service" in text or "nodename" in text or "getaddrinfo" in text or "resolution" in text:
+            return "the host name could not be resolved"
+        if "ssl" in text or "certificate" in text or "tls" in text:
+            return "the TLS connection failed"
+        if "refused" in text:
+            return "the connection was refused"
+        return "the connection failed"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no data for {STALL_S:.0f} s"
+    if isinstance(exc, httpx.TransportError):
+        return "the connection was dropped"
+    return type(exc).__name__
+
+
+def _permanent(exc: httpx.TransportError) -> bool:
+    """A failure another attempt cannot mend: DNS, TLS, refused connection, unsupported scheme or proxy."""
+    return isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol | httpx.ProxyError | httpx.LocalProtocolError)
 
 
 def _client(concurrency: int) -> httpx.Client:
@@ -109,7 +200,9 @@ def _tar_httpx(url: str, tmp: Path) -> int:
         stop = threading.Event()
         chunks: Generator[bytes | bytearray, None, None]
         if ranged and size:
-            chunks = _parallel(client, url, size, chunk_size, concurrency, pool, stop)
+            chunks = _parallel(
+                client, url, size=size, chunk_size=chunk_size, concurrency=concurrency, pool=pool, stop=stop
+            )
         else:
             chunks = _get(client, url, 0, size, ranged=False)
         reader = _Reader(url, chunks, size)
@@ -140,18 +233,21 @@ def _probe(client: httpx.Client, url: str) -> tuple[int | None, bool]:
         try:
             with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as response:
                 if response.status_code == 206:
-                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                    return (int(total), True) if total.isdigit() else (None, False)
+                    total = response.headers.get("Content-Range", "").rpartition("/")[2].strip()
+                    return (int(total), True) if _DIGITS.fullmatch(total) else (None, False)
                 _check_status(response, 200)
-                length = response.headers.get("Content-Length", "")
-                return (int(length) if length.isdigit() else None), False
+                length = response.headers.get("Content-Length", "").strip()
+                return (int(length) if _DIGITS.fullmatch(length) else None), False
         except (httpx.TransportError, _Retryable) as exc:
             _backoff(url, attempt, exc)
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:  # redirects, a bad URL or host name
+            raise DownloadError(describe(exc)) from exc
 
 
 def _parallel(
     client: httpx.Client,
     url: str,
+    *,
     size: int,
     chunk_size: int,
     concurrency: int,
@@ -166,7 +262,7 @@ def _parallel(
         start = next(starts, None)
         if start is not None:
             length = min(chunk_size, size - start)
-            window.append(pool.submit(_fetch_range, client, url, start, length, stop))
+            window.append(pool.submit(_fetch_range, client, url, start=start, length=length, stop=stop))
 
     for _ in range(concurrency):
         submit()
@@ -176,7 +272,7 @@ def _parallel(
         yield data
 
 
-def _fetch_range(client: httpx.Client, url: str, start: int, length: int, stop: threading.Event) -> bytearray:
+def _fetch_range(client: httpx.Client, url: str, *, start: int, length: int, stop: threading.Event) -> bytearray:
     buf = bytearray(length)  # preallocated: appending would reallocate and copy over and over
     view, pos = memoryview(buf), 0
     for piece in _get(client, url, start, length, ranged=True):
@@ -212,12 +308,16 @@ def _get(
                         skip, piece = skip - dropped, piece[dropped:]
                     if piece:
                         got += len(piece)
+                        if length is not None and got > length:
+                            raise DownloadError(f"the server sent more than the {length:,} bytes it declared")
                         yield piece
             if length is None or got == length:
                 return
             raise _Retryable(f"short body, {got} of {length} bytes")
         except (httpx.TransportError, _Retryable) as exc:
             _backoff(url, attempt, exc)
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
+            raise DownloadError(describe(exc)) from exc
 
 
 def _check_status(response: httpx.Response, expected: int) -> None:
@@ -231,7 +331,9 @@ def _check_status(response: httpx.Response, expected: int) -> None:
 
 
 def _backoff(url: str, attempt: int, exc: Exception) -> None:
-    cause = str(exc) if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
+    cause = str(exc) if isinstance(exc, _Retryable) else describe(exc)
+    if isinstance(exc, httpx.TransportError) and _permanent(exc):
+        raise DownloadError(cause) from exc
     if attempt >= RETRIES:
         raise DownloadError(f"{cause} (gave up after {attempt} attempts)") from exc
     delay = RETRY_BASE_S * 2 ** (attempt - 1)

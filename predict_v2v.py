@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler, VideoToVideoSDPipeline
 from PIL import Image
 
 import cog_compat
-from errors import InputError
+from errors import InputError, ServiceError
 from inputs import resolve_seed, validate_inputs
 from interpolation import load_rife, output_fps
 from media import fit_image, output_path, read_video, write_mp4
@@ -56,7 +56,7 @@ class Predictor(BaseRunner):
         prompt: str = Input(description="Text describing the video you want.", default=""),
         negative_prompt: str = Input(description="Things you do not want to see in the video.", default=""),
         strength: float = Input(
-            description="How much to change the video: 0 keeps it, 1 ignores it. 0.6-0.85 suits upscaling.",
+            description="How much to change the video: 0 keeps it, 1 ignores it. The model card suggests 0.66-0.85 for upscaling.",  # noqa: E501
             ge=0.0,
             le=1.0,
             default=0.6,
@@ -158,5 +158,7 @@ class Predictor(BaseRunner):
             output_type="np",
             callback=StepLogger(int(num_inference_steps * strength)).on_step,
         ).frames[0]
+        if not np.isfinite(output).all():  # a black video otherwise: NaN becomes 0 when encoded
+            raise ServiceError("The model produced NaN or infinite frames; this is not a problem with the input.")
         record_metric("frames", len(output))
         return output

@@ -9,7 +9,8 @@ The folder is built in a temporary sibling of ``dest``; its ``model_index.json``
 diffusers cannot import are replaced by the package that defines the class), every component is checked for its
 files, a completion marker is written and the folder is renamed into place, all under a file lock: two processes
 fetch once, and an interrupted install is never taken for a cache. ``fetch_file`` does the same for one file (a
-LoRA). The cache root is $WEIGHTS_CACHE_DIR (default ./model_cache); HF_TOKEN is used for private and gated repos.
+LoRA) in a folder of such files, under one lock per folder. The cache root is $WEIGHTS_CACHE_DIR (default
+./model_cache); HF_TOKEN is used for private and gated repos.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from filelock import FileLock, Timeout
 
 import downloads
 from downloads import RETRIES, DownloadError
-from errors import WeightsError
+from errors import ServiceError, WeightsError
 
 log = logging.getLogger(__name__)
 
 MARKER = ".weights-complete.json"
 HUB_WORKERS = 8  # files downloaded at once from the hub
 HUB_RETRY_BASE_S = 1.0  # exponential backoff between whole-snapshot attempts (each resumes where the last stopped)
-_HUB = re.compile(r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w.-]+))?(?:/(?P<path>[^@]+))?")
+_HUB = re.compile(r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>\w[\w.-]*))?(?:/(?P<path>[^@]+))?")
+MAX_URL_CHARS = 4096  # signed CDN URLs reach ~2,000 characters
 _WEIGHT_FILES = {  # a model component's weights, by library: single file, sharded with an index, or pickle
     "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "transformers": ("model.safetensors", "pytorch_model.bin"),
@@ -59,13 +61,36 @@ class Source:
 
     @classmethod
     def parse(cls, text: str, *, file: bool = False) -> Source:
-        """Parse a source; ValueError if malformed. With ``file``, an hf:// source may name a file in the repo."""
+        """Parse a source; ValueError if malformed. With ``file``, an hf:// source may name a file in the repo.
+
+        Checked here, before any request: a URL's length, characters and host, a hub repo id as the hub's own
+        rules have it, a revision (no ``..``) and a file path inside the repo."""
         text = text.strip()
+        if len(text) > MAX_URL_CHARS or not text.isprintable() or any(c.isspace() for c in text):
+            raise ValueError(text)
         if text.startswith(("https://", "http://")) and len(text.split("/", 3)) == 4:
+            import httpx
+
+            try:
+                url = httpx.URL(text)
+                url.host.encode("idna")
+            except (httpx.InvalidURL, UnicodeError, ValueError):
+                raise ValueError(text) from None
+            if not url.host or (url.port is not None and not 0 < url.port < 65536):
+                raise ValueError(text)
             return cls(text, url=text)
-        if (match := _HUB.fullmatch(text)) and (file or not match["path"]):
-            return cls(text, repo=match["repo"], revision=match["revision"], path=match["path"])
-        raise ValueError(text)
+        match = _HUB.fullmatch(text)
+        if not match or (match["path"] and not file) or ".." in (match["revision"] or ""):
+            raise ValueError(text)
+        if match["path"] and (".." in match["path"].split("/") or match["path"].startswith("/")):
+            raise ValueError(text)
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(match["repo"])
+        except HFValidationError:
+            raise ValueError(text) from None
+        return cls(text, repo=match["repo"], revision=match["revision"], path=match["path"])
 
 
 def cache_dir() -> Path:
@@ -117,32 +142,88 @@ def fetch_weights(source: str, dest: Path, variable: str) -> dict[str, float]:
     return {"download_s": seconds, "bytes": float(nbytes), "mb_per_s": rate, "cached": 0.0}
 
 
-def fetch_file(source: Source, dest: Path, max_bytes: int, suffix: str) -> dict[str, float]:
-    """Make ``dest`` a complete copy of one file: an http(s) URL, or a file of a hub repo.
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a hub repo, pinned: ``source`` names the commit and the file."""
 
-    An hf:// source without a path picks the repo's one file ending in ``suffix``. A file over ``max_bytes`` is
-    refused. Returns metrics: download_s, bytes, cached. Errors are WeightsError fragments for the caller to name.
+    source: Source
+    size: int
+    base_model: str | None  # what the repo's model card names as ``base_model``, if anything
+
+
+def hub_file(source: Source, suffix: str) -> HubFile:
+    """Resolve an hf:// file source to the commit its revision names now, and to one file: ``source.path``, or the
+    repo's only ``*suffix`` file. One request. Errors are WeightsError fragments for the caller to name."""
+    api = _hub_api()
+    info = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision, files_metadata=True))
+    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+    name = source.path
+    if name is None:
+        candidates = sorted(f for f in sizes if f.endswith(suffix))
+        if len(candidates) != 1:
+            found = ", ".join(candidates) if candidates else "none"
+            raise WeightsError(
+                f"{source.repo} must hold exactly one {suffix} file, or the URL must name one (found: {found})"
+            )
+        name = candidates[0]
+    if name not in sizes:
+        raise WeightsError(f"{source.repo} has no file {name}")
+    card = info.card_data or {}
+    base = card.get("base_model")
+    base = base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None
+    pinned = Source(f"hf://{source.repo}@{info.sha}/{name}", repo=source.repo, revision=info.sha, path=name)
+    return HubFile(pinned, sizes[name], base)
+
+
+def fetch_file(
+    source: Source,
+    dest: Path,
+    *,
+    max_bytes: int,
+    time_limit: Callable[[int | None], float],
+    make_room: Callable[[int], None],
+) -> dict[str, float]:
+    """Make ``dest`` a complete copy of one file: an http(s) URL, or a pinned file of a hub repo (see hub_file).
+
+    A file over ``max_bytes`` is refused; the download must end within ``time_limit(size)`` seconds; ``make_room(n)``
+    runs before the first byte is written (see downloads.fetch_file). One lock serves the whole folder, so temporary
+    files that a killed process left there are removed by the next download, whatever its URL. Returns metrics:
+    download_s, bytes, cached. Errors are WeightsError fragments for the caller to name; a full disk is a
+    ServiceError.
     """
-    with _locked(dest) as tmp:
+    with _locked(dest, lock=dest.parent / ".lock", stale_prefix=".") as tmp:
         if dest.is_file():
             os.utime(dest)  # last use, for the caller's LRU eviction
             return {"download_s": 0.0, "bytes": float(dest.stat().st_size), "cached": 1.0}
         start = time.monotonic()
         tmp.mkdir()
-        with _errors_named("", dest):
-            if source.url:
-                nbytes = downloads.fetch_file(source.url, tmp / "file", max_bytes)
-            else:
-                nbytes = _hub_file(source, tmp / "file", max_bytes, suffix)
-            os.replace(tmp / "file", dest)
+        try:
+            with _errors_named("", dest):
+                if source.url:
+                    nbytes = downloads.fetch_file(
+                        source.url, tmp / "file", max_bytes=max_bytes, time_limit=time_limit, make_room=make_room
+                    )
+                else:
+                    nbytes = _hub_file(
+                        source, tmp / "file", max_bytes=max_bytes, time_limit=time_limit, make_room=make_room
+                    )
+                os.replace(tmp / "file", dest)
+        except WeightsError as error:
+            if isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC:
+                raise ServiceError(
+                    f"The server's disk is full ({dest.parent}); this is not a problem with the input."
+                ) from error
+            raise
     return {"download_s": time.monotonic() - start, "bytes": float(nbytes), "cached": 0.0}
 
 
 @contextmanager
-def _locked(dest: Path) -> Iterator[Path]:
-    """Hold ``dest``'s file lock; yield a fresh temporary sibling path, removed afterwards whatever happens."""
+def _locked(dest: Path, *, lock: Path | None = None, stale_prefix: str | None = None) -> Iterator[Path]:
+    """Hold the file lock (``dest``'s own by default); yield a fresh temporary sibling path, removed afterwards
+    whatever happens. Temporary siblings left by killed processes (``.<dest name>.tmp-*``, or every ``.*.tmp-*`` of
+    the folder with ``stale_prefix="."``) are removed first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{dest}.lock")
+    lock = FileLock(str(lock or f"{dest}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -152,7 +233,7 @@ def _locked(dest: Path) -> Iterator[Path]:
     tmp = dest.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         for stale in dest.parent.iterdir():
-            if stale.name.startswith(prefix):
+            if stale.name.startswith(stale_prefix or prefix) and ".tmp-" in stale.name:
                 log.warning("Removing stale temporary download %s", stale)
                 _remove(stale)
         yield tmp
@@ -173,10 +254,15 @@ def _errors_named(context: str, dest: Path) -> Iterator[None]:
     """Turn download and disk errors into one WeightsError sentence: ``context: detail.``"""
     try:
         yield
+    except ServiceError:
+        raise
     except (DownloadError, WeightsError) as exc:
         raise WeightsError(f"{context}: {exc}." if context else str(exc)) from exc
     except OSError as exc:
         cause = f"disk full while writing into {dest.parent}" if exc.errno == errno.ENOSPC else str(exc)
+        raise WeightsError(f"{context}: {cause}." if context else cause) from exc
+    except (ValueError, TypeError, RuntimeError) as exc:  # a library's surprise: still one sentence, in context
+        cause = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         raise WeightsError(f"{context}: {cause}." if context else cause) from exc
 
 
@@ -250,40 +336,39 @@ def _hub_snapshot(source: Source, tmp: Path) -> str:
     return info.sha
 
 
-def _hub_file(source: Source, dest: Path, max_bytes: int, suffix: str) -> int:
-    """Download one file of a hub repo (``source.path``, or the repo's only ``*suffix`` file) to ``dest``."""
+def _hub_file(
+    source: Source,
+    dest: Path,
+    *,
+    max_bytes: int,
+    time_limit: Callable[[int | None], float],
+    make_room: Callable[[int], None],
+) -> int:
+    """Download the pinned file ``source`` (see hub_file) of a hub repo to ``dest``, within ``time_limit(size)``;
+    the calling thread returns at once when interrupted (huggingface_hub's own timeouts end the download)."""
+    info = hub_file(source, "")
+    if info.size > max_bytes:
+        raise WeightsError(f"{source.path} is {info.size:,} bytes, over the limit of {max_bytes:,}")
+    make_room(info.size)
     api = _hub_api()
-    info = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision, files_metadata=True))
-    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
-    name = source.path
-    if name is None:
-        candidates = sorted(f for f in sizes if f.endswith(suffix))
-        if len(candidates) != 1:
-            found = ", ".join(candidates) if candidates else "none"
-            raise WeightsError(
-                f"{source.repo} must hold exactly one {suffix} file, or the URL must name one (found: {found})"
-            )
-        name = candidates[0]
-    if name not in sizes:
-        raise WeightsError(f"{source.repo} has no file {name}")
-    if sizes[name] > max_bytes:
-        raise WeightsError(f"{name} is {sizes[name]:,} bytes, over the limit of {max_bytes:,}")
-    local = _hub_call(
-        source,
-        lambda: api.hf_hub_download(
-            source.repo, name, revision=info.sha, local_dir=dest.parent, cache_dir=dest.parent / ".cache" / "hub"
-        ),
-    )
+
+    def download() -> str:
+        return _hub_call(
+            source,
+            lambda: api.hf_hub_download(
+                source.repo,
+                source.path,
+                revision=source.revision,
+                local_dir=dest.parent,
+                cache_dir=dest.parent / ".cache" / "hub",
+            ),
+        )
+
+    local = downloads.interruptible(download, deadline=[time.monotonic() + time_limit(info.size)])
     os.replace(local, dest)
+    if dest.stat().st_size > max_bytes:
+        raise WeightsError(f"{source.path} is over the limit of {max_bytes:,} bytes")
     return dest.stat().st_size
-
-
-def hub_base_model(source: Source) -> str | None:
-    """The base model a hub repo's model card names (``base_model:``), if any."""
-    api = _hub_api()
-    card = _hub_call(source, lambda: api.model_info(source.repo, revision=source.revision)).card_data or {}
-    base = card.get("base_model")
-    return base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None
 
 
 def _hub_api() -> Any:
@@ -303,6 +388,7 @@ def _hub_call(source: Source, call: Callable[[], Any]) -> Any:
     arrive: each attempt keeps the files already complete); turn its errors into one WeightsError fragment."""
     import httpx2
     from huggingface_hub import errors
+    from huggingface_hub.utils import HFValidationError
 
     token = "HF_TOKEN gives no access to it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
     attempt = 0
@@ -310,6 +396,8 @@ def _hub_call(source: Source, call: Callable[[], Any]) -> Any:
         attempt += 1
         try:
             return call()
+        except HFValidationError:
+            raise WeightsError(f"{source.repo!r} is not a valid hub repository id") from None
         except errors.GatedRepoError:
             raise WeightsError(
                 f"{source.repo} is gated ({token}): accept its terms on huggingface.co and set "
@@ -351,11 +439,15 @@ def _components(root: Path) -> dict[str, tuple[str | None, str]]:
         raise WeightsError("not a diffusers folder: model_index.json is missing") from None
     except ValueError as exc:
         raise WeightsError(f"model_index.json is not valid JSON ({exc})") from None
-    return {
+    components = {
         name: (entry[0], entry[1])
         for name, entry in index.items()
         if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[1]
     }
+    for name in components:
+        if not name.isidentifier():  # diffusers names components as Python identifiers: never "..", "a/b"
+            raise WeightsError(f"model_index.json names a component {name!r}, which is not a folder name")
+    return components
 
 
 def _check_folder(root: Path) -> tuple[int, int]:

@@ -71,7 +71,9 @@ def main() -> None:
         x = np.linspace(0, 255, 720)[None, :, None] * np.array([1.0, 0.6, 0.3])
         Image.fromarray(np.broadcast_to(x, (480, 720, 3)).astype(np.uint8)).save(image)
 
-    server = CogServer("predict_i2v", url, Path(os.environ.get("WEIGHTS_CACHE_DIR", "model_cache")), work / "log")
+    server = CogServer(
+        "predict_i2v", weights_url=url, cache=Path(os.environ.get("WEIGHTS_CACHE_DIR", "model_cache")), log=work / "log"
+    )
     try:
         log.info("Starting the Cog server (setup downloads and loads the weights)...")
         server.wait_ready(timeout=3600)

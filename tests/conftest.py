@@ -118,7 +118,9 @@ def cog_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPathFa
     def start(model: str) -> CogServer:
         if model not in servers:
             base = tmp_path_factory.mktemp(f"server-{model}")
-            servers[model] = CogServer(MODULES[model], weights_urls[model], base / "cache", base / "server.log")
+            servers[model] = CogServer(
+                MODULES[model], weights_url=weights_urls[model], cache=base / "cache", log=base / "server.log"
+            )
             servers[model].wait_ready()
         return servers[model]
 

@@ -8,6 +8,7 @@ Magic prompts:
   OOM           the pipeline call raises torch.OutOfMemoryError after allocating a large tensor (as a GPU OOM would
                 mid-step), so the test can check that phase() turns it into a clear error and frees the memory.
   STALL_TEXT    text encoding never ends (until the prediction is cancelled).
+  STALL_DENOISE the denoiser's first call never ends (until cancelled): the text is encoded, the latents made.
   STALL_ENCODE  the video encoder is fed one frame, then never gets the rest (until cancelled): ffmpeg is running
                 and the output file is half-written when the cancellation arrives.
 Each stall first prints "stalled in <where>" so a test can wait for that line in the prediction's logs.
@@ -28,9 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import predict_i2v  # noqa: E402
 import predict_v2v  # noqa: E402
+from pipelines import denoiser  # noqa: E402
 
 OOM = "__oom__"
 STALL_TEXT = "__stall_text_encoding__"
+STALL_DENOISE = "__stall_denoising__"
 STALL_ENCODE = "__stall_video_encoding__"
 OOM_ALLOCATION_BYTES = 512 * 2**20
 
@@ -63,6 +66,12 @@ class FaultsMixin:
                 return super().generate(prompt=prompt, **settings)  # type: ignore[misc]
             finally:
                 del self.pipe.encode_prompt
+        if prompt == STALL_DENOISE:
+            handle = denoiser(self.pipe).register_forward_pre_hook(lambda module, args: stall("denoising"))
+            try:
+                return super().generate(prompt=prompt, **settings)  # type: ignore[misc]
+            finally:
+                handle.remove()
         frames = super().generate(prompt="" if prompt == STALL_ENCODE else prompt, **settings)  # type: ignore[misc]
         return frames.view(StallingFrames) if prompt == STALL_ENCODE else frames
 

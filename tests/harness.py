@@ -60,7 +60,14 @@ class CogServer:
     """`python -m cog.server.http` serving one predictor, as in the Cog image but without Docker."""
 
     def __init__(
-        self, module: str, weights_url: str, cache: Path, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+        self,
+        module: str,
+        *,
+        weights_url: str,
+        cache: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         """`env` adds to (or overrides) the server's environment; `cwd` is where it runs (and looks for .cog/)."""
         self.port, self.cache = free_port(), cache

@@ -23,7 +23,9 @@ def test_config_pins_what_the_tests_ran(name: str) -> None:
     config = yaml.safe_load((ROOT / name).read_text())
     build = config["build"]
     assert config["run"] == f"{CONFIGS[name]}:Predictor" and (ROOT / CONFIGS[name]).is_file()
-    assert build["sdk_version"] == pinned("requirements-dev.txt", "cog")  # inputs.py patches this version's internals
+    assert build["sdk_version"] == pinned(
+        "requirements-dev.txt", "cog"
+    )  # cog_compat.py patches this version's internals
     # cog's CUDA table stops before the pinned torch: without build.cuda, `cog build` refuses to start.
     assert build["cuda"] == TORCH_CUDA[pinned("requirements.txt", "torch")]
     assert build["gpu"] is True and build["python_requirements"] == "requirements.txt"
@@ -32,3 +34,15 @@ def test_config_pins_what_the_tests_ran(name: str) -> None:
 
 def test_every_predictor_has_a_config() -> None:
     assert sorted(CONFIGS.values()) == sorted(p.name for p in ROOT.glob("predict_*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_pget_is_pinned_to_a_release(name: str) -> None:
+    (command,) = [c for c in yaml.safe_load((ROOT / name).read_text())["build"]["run"] if "pget" in c]
+    assert re.search(r"/releases/download/v\d+\.\d+\.\d+/pget_", command), command  # never "latest"
+
+
+def test_the_image_gets_code_not_caches() -> None:
+    """`cog build` copies the whole folder: a local `cog predict` fills model_cache/ with tens of GB."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git/", ".venv/", "model_cache/", "*.tar", "*.mp4"} <= set(ignored)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from cog import Input, Path
 
 from errors import InputError
 from inputs import resolve_seed, validate_inputs
 from media import output_path
+from reporting import configure_logging, logger
 
 
 class Runner:
@@ -87,10 +90,20 @@ def test_bounds_are_inclusive() -> None:
     assert run(image=IMAGE, steps=100, scale=20.0)["scale"] == 20.0
 
 
-def test_seed_is_kept_or_drawn_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    assert resolve_seed(1234) == 1234
-    drawn = {resolve_seed(None) for _ in range(5)}
-    assert len(drawn) > 1 and all(0 <= s < 2**32 for s in drawn)
+def test_seed_is_kept_or_drawn_and_logged() -> None:
+    """The seed used is in the prediction's log (the "predict" logger), drawn or given, so a video can be remade."""
+    configure_logging()  # as setup() does: INFO to stdout
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        assert resolve_seed(1234) == 1234
+        drawn = [resolve_seed(None) for _ in range(5)]
+    finally:
+        logger.removeHandler(handler)
+    assert len(set(drawn)) > 1 and all(0 <= s < 2**32 for s in drawn)
+    assert messages == [f"Using seed: {seed}" for seed in [1234, *drawn]]
 
 
 def test_output_path_is_reused_so_outputs_do_not_pile_up() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -16,14 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cog import CancelationException
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora
 import tiny_weights
 from conftest import decode_data_url, load_predictor, read_mp4
-from errors import InputError
+from errors import InputError, ServiceError
 from fake_hub import FakeHub
 from harness import data_url
 
@@ -41,6 +45,7 @@ class Files(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.status: dict[str, int] = {}
         self.slow: set[str] = set()
+        self.declared: dict[str, int] = {}  # a size declared to the probe, then a longer body without a length
         self.gets: list[str] = []
         files = self
 
@@ -50,7 +55,11 @@ class Files(http.server.ThreadingHTTPServer):
                 status = files.status.get(self.path, 200 if self.path in files.files else 404)
                 body = files.files.get(self.path, b"") if status == 200 else b""
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in files.declared:
+                    self.send_header("Content-Length", str(len(body)))
+                elif self.headers.get("Range"):  # the size probe is told one size, the body is longer
+                    self.send_header("Content-Length", str(files.declared[self.path]))
+                    body = body[: files.declared[self.path]]
                 self.end_headers()
                 step = max(1, len(body) // 50) if self.path in files.slow else len(body) or 1
                 try:
@@ -114,10 +123,11 @@ def generate(predictor: Any, url: str = "", scale: float = 1.0, seed: int = 3) -
     )
 
 
-def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, scale: float = 1.0, seed: int = 3) -> np.ndarray:
+def diffusers_frames(pipe: Any, predictor: Any, path: Path | None, *, scale: float = 1.0, seed: int = 3) -> np.ndarray:
     if path is not None:
         pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name="reference")
         pipe.set_adapters(["reference"], [scale])
+        pipe.transformer.eval()  # for inference, as the predictor (no dropout)
     pipe.scheduler = predictor.schedulers["cogvideox_dpm"]
     try:
         return pipe(
@@ -146,7 +156,7 @@ def test_lora_equals_diffusers_own_loading(
     url, path = loras[name]
     without = generate(predictor)
     got = generate(predictor, url, scale)
-    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale))
+    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale=scale))
     assert np.abs(got - without).mean() > 1e-3  # the LoRA changes the video
 
 
@@ -165,7 +175,7 @@ def test_lora_on_q_k_v_with_cpu_offload(
     without = generate(predictor)
     got = generate(predictor, url, 0.9)
     assert pipe.transformer._hf_hook is not None  # still offloaded after loading the LoRA
-    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, 0.9))
+    np.testing.assert_array_equal(got, diffusers_frames(reference, predictor, path, scale=0.9))
     assert np.abs(got - without).mean() > 1e-3
     np.testing.assert_array_equal(generate(predictor), without)
 
@@ -292,12 +302,27 @@ def test_oversized_file_is_refused_before_download(
     assert str(error.value) == f"Invalid input `lora_url`: the file is {size:,} bytes, over the limit of 1,000 ({url})."
 
 
-@pytest.mark.parametrize("url", ["ftp://x/y.safetensors", "hf://only-owner", "lora.safetensors"])
+MALFORMED = {
+    "ftp": "ftp://x/y.safetensors",
+    "owner only": "hf://only-owner",
+    "relative": "lora.safetensors",
+    "dotdot revision": "hf://owner/name@../x.safetensors",
+    "hub id": "hf://owner/na--me",
+    "long hub id": "hf://owner/" + "n" * 200,
+    "crlf": "https://example.com/a\r\nX-Injected: 1/x.safetensors",
+    "port": "https://example.com:99999/x.safetensors",
+    "idna": "https://xn--/x.safetensors",
+    "100 KB": "https://example.com/" + "a" * 100_000,
+}
+
+
+@pytest.mark.parametrize("url", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_url(predictor: Any, url: str) -> None:
     with pytest.raises(InputError) as error:
         generate(predictor, url)
+    shown = url if len(url) <= 200 else url[:200] + "..."
     assert str(error.value) == (
-        f"Invalid input `lora_url`: {url!r} is not an https URL of a .safetensors file, hf://OWNER/NAME or "
+        f"Invalid input `lora_url`: {shown!r} is not an https URL of a .safetensors file, hf://OWNER/NAME or "
         "hf://OWNER/NAME/FILE.safetensors."
     )
 
@@ -403,3 +428,228 @@ def test_server_lora_download_cancelled_midway(
     files.slow.clear()
     with_lora = server.predict(**inputs, lora_url=url)
     assert with_lora["status"] == "succeeded" and with_lora["metrics"]["lora"]["cached"] == 0.0
+
+
+# --- crafted files: a LoRA can change nothing but its own adapter ----------------------------------------------------
+
+
+def rewrite(path: Path, dest: Path, *, factor: float = 1.0, **settings: Any) -> bytes:
+    """``path``'s LoRA with its tensors times ``factor`` and its adapter metadata's ``settings`` changed."""
+    with safe_open(path, "pt") as file:
+        tensors = {key: file.get_tensor(key) * factor for key in file.keys()}  # noqa: SIM118
+        header = file.metadata() or {}
+    metadata = json.loads(header.get("lora_adapter_metadata", "{}"))
+    metadata.update({f"transformer.{key}": value for key, value in settings.items()})
+    save_file(tensors, dest, metadata={**header, "lora_adapter_metadata": json.dumps(metadata)})
+    return dest.read_bytes()
+
+
+def module_tree(predictor: Any) -> list[tuple[str, int]]:
+    return [(name, id(module)) for name, module in predictor.pipe.transformer.named_modules()]
+
+
+CRAFTED = [
+    ("tokens", {"trainable_token_indices": [1, 2]}, 1.0, "sets `trainable_token_indices` to [1, 2]"),
+    ("dora", {"use_dora": True}, 1.0, "sets `use_dora` to true (DoRA adapters are not supported)"),
+    ("unknown", {"magic": 1}, 1.0, "sets `magic`, which this server's peft does not know"),
+    ("alpha", {"lora_alpha": 1e30}, 1.0, "has a rank or alpha of 1e+30"),
+    ("huge", {}, 1e30, "layer's own weights"),
+    ("large", {}, 1e3, "layer's own weights"),
+    ("base", {"base_model_name_or_path": "THUDM/CogVideoX1.5-5B-I2V"}, 1.0, "this LoRA is for THUDM/CogVideoX1.5"),
+]
+
+
+@pytest.mark.parametrize(("name", "settings", "factor", "message"), CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_crafted_metadata_and_magnitudes_are_refused_before_loading(
+    predictor: Any,
+    loras: dict[str, Any],
+    files: Files,
+    tmp_path: Path,
+    name: str,
+    settings: dict,
+    factor: float,
+    message: str,
+) -> None:
+    before, tree = generate(predictor), module_tree(predictor)
+    url = files.add(
+        f"crafted-{name}.safetensors", rewrite(loras["full"][1], tmp_path / "x.safetensors", factor=factor, **settings)
+    )
+    with pytest.raises(InputError) as error:
+        generate(predictor, url)
+    assert str(error.value).startswith("Invalid input `lora_url`: ") and message in str(error.value), error.value
+    assert module_tree(predictor) == tree
+    assert not list((lora.cache_dir() / "loras").glob("*.safetensors")) or all(
+        url not in source for source in predictor.loras.loaded.values()
+    )
+    np.testing.assert_array_equal(generate(predictor), before)
+
+
+def test_a_load_that_fails_inside_diffusers_leaves_the_transformer_as_it_was(
+    predictor: Any, reference: Any, loras: dict[str, Any], files: Files, tmp_path: Path
+) -> None:
+    """Metadata whose rank disagrees with its tensors passes our checks and fails inside peft, half-way: the
+    adapter's layers are undone, the earlier LoRA still gives exactly diffusers' output, the file is deleted."""
+    url, path = loras["full"]
+    first = generate(predictor, url)
+    tree = module_tree(predictor)
+    bad = files.add("rank-mismatch.safetensors", rewrite(path, tmp_path / "x.safetensors", r=8))
+    with pytest.raises(InputError, match="the LoRA could not be loaded"):
+        generate(predictor, bad)
+    assert module_tree(predictor) == tree
+    assert set(predictor.pipe.transformer.peft_config) == set(predictor.loras.loaded)
+    assert [p for p in (lora.cache_dir() / "loras").iterdir() if "rank-mismatch" in p.name] == []
+    cached = {p.name for p in (lora.cache_dir() / "loras").glob("*.safetensors")}
+    assert f"lora_{hashlib.sha256(bad.encode()).hexdigest()[:16]}.safetensors" not in cached  # refused: deleted
+    np.testing.assert_array_equal(generate(predictor, url), first)
+    np.testing.assert_array_equal(generate(predictor, url), diffusers_frames(reference, predictor, path))
+
+
+def test_dropout_in_the_metadata_changes_nothing_between_runs(
+    predictor: Any, reference: Any, loras: dict[str, Any], files: Files, tmp_path: Path
+) -> None:
+    """peft makes dropout modules in training mode; the transformer is put back in eval mode: same seed, same video,
+    equal to diffusers' own loading in eval mode."""
+    path = tmp_path / "dropout.safetensors"
+    url = files.add("dropout.safetensors", rewrite(loras["full"][1], path, lora_dropout=0.5))
+    first, again = generate(predictor, url), generate(predictor, url)
+    np.testing.assert_array_equal(first, again)
+    assert not predictor.pipe.transformer.training
+    np.testing.assert_array_equal(first, diffusers_frames(reference, predictor, path))
+
+
+def test_a_cancel_in_the_middle_of_a_load_changes_nothing(
+    weights_urls: dict[str, str], loras: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cog's cancel (a BaseException) raised just after peft loaded the weights, under (emulated) CPU offload: the
+    adapter is gone, the hooks are back, the next prediction without a LoRA is the baseline, and the LoRA loads
+    afterwards as if nothing had happened."""
+    predictor = load_predictor("i2v", weights_urls["i2v"], tmp_path / "cache")
+    pipe = predictor.pipe
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.enable_model_cpu_offload = functools.partial(pipe.enable_model_cpu_offload, device="cpu")  # as above
+    before, tree = generate(predictor), module_tree(predictor)
+    original = pipe.transformer.load_lora_adapter
+
+    def cancelled(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        raise CancelationException()
+
+    monkeypatch.setattr(pipe.transformer, "load_lora_adapter", cancelled)
+    with pytest.raises(CancelationException):
+        generate(predictor, loras["qkv"][0])
+    monkeypatch.undo()
+    assert module_tree(predictor) == tree and not getattr(pipe.transformer, "peft_config", {})
+    assert pipe.transformer._hf_hook is not None  # still offloaded
+    assert predictor.loras.loaded == {} and predictor.loras.active is None
+    np.testing.assert_array_equal(generate(predictor), before)
+    with_lora = generate(predictor, loras["qkv"][0])
+    assert np.abs(with_lora - before).mean() > 1e-3
+    np.testing.assert_array_equal(generate(predictor), before)
+
+
+def test_nan_frames_fail_naming_the_lora_or_the_server(
+    predictor: Any, loras: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A black video is never returned: NaN frames fail, naming lora_url and lora_scale when a LoRA was active."""
+    handle = predictor.pipe.vae.decoder.conv_out.conv.register_forward_hook(
+        lambda module, args, output: output * float("nan")
+    )
+    try:
+        with pytest.raises(InputError) as error:
+            generate(predictor, loras["full"][0], 2.5)
+        assert str(error.value) == (
+            f"Invalid inputs `lora_url` and `lora_scale`: with the LoRA {loras['full'][0]} at scale 2.5 the model "
+            "produced NaN or infinite frames (a broken or over-scaled LoRA): try a lower lora_scale or another LoRA."
+        )
+        with pytest.raises(ServiceError, match="The model produced NaN or infinite frames"):
+            generate(predictor)
+    finally:
+        handle.remove()
+
+
+# --- the LoRA cache stays healthy ------------------------------------------------------------------------------------
+
+
+def test_cache_makes_room_before_a_download_and_keeps_one_lock(
+    predictor: Any, loras: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "loras"
+    size = loras["full"][1].stat().st_size
+    generate(predictor, loras["full"][0])
+    generate(predictor, loras["qkv"][0])
+    (folder / ".lora_0123.safetensors.tmp-999-dead").mkdir()  # left by a killed process, another URL
+    free = {"bytes": lora.DISK_RESERVE_BYTES + size + size // 2}  # room for one more file, not two
+
+    def usage(path: Any) -> Any:
+        used = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        return shutil._ntuple_diskusage(10**12, used, free["bytes"] - used)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(lora.shutil, "disk_usage", usage)
+    free["bytes"] += 2 * size  # what the two cached files use
+    generate(predictor, loras["other"][0])
+    names = sorted(p.name for p in folder.iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) == 2  # the least recently used one made room
+    assert [n for n in names if not n.endswith(".safetensors")] == [".lock"]  # one lock; the stale folder is gone
+    free["bytes"] = lora.DISK_RESERVE_BYTES // 2  # nothing can make room: the server's problem, not the input's
+    with pytest.raises(ServiceError, match="The server's disk has no room for a LoRA"):
+        generate(predictor, loras["factory"][0])
+
+
+def test_declared_length_is_enforced(predictor: Any, loras: dict[str, Any], files: Files) -> None:
+    url = files.add("liar.safetensors", loras["full"][1].read_bytes())
+    files.declared["/liar.safetensors"] = 100
+    with pytest.raises(InputError) as error:
+        generate(predictor, url)
+    assert str(error.value) == (
+        f"Invalid input `lora_url`: the server sent more than the 100 bytes it declared ({url})."
+    )
+
+
+def test_hub_lora_follows_its_repo_and_outlives_a_hub_outage(
+    predictor: Any, loras: dict[str, Any], lora_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf://OWNER/NAME is resolved to a commit on each use: a new commit of the repo is fetched again."""
+    first = generate(predictor, "hf://someone/boat-lora")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "pytorch_lora_weights.safetensors").write_bytes(loras["other"][1].read_bytes())
+    lora_hub.add_repo("someone/boat-lora", tmp_path / "new", card_data={"base_model": "THUDM/CogVideoX-5b-I2V"})
+    second = generate(predictor, "hf://someone/boat-lora")
+    np.testing.assert_array_equal(second, generate(predictor, loras["other"][0]))
+    assert np.abs(first - second).mean() > 1e-3
+    lora_hub.fail("/api/models/someone/boat-lora", status=403)  # the hub refuses now: the last commit resolved serves
+    warnings: list[str] = []
+    monkeypatch.setattr(lora.logger, "warning", lambda message, *args: warnings.append(message % args))
+    np.testing.assert_array_equal(generate(predictor, "hf://someone/boat-lora"), second)
+    assert len(warnings) == 1 and warnings[0].startswith("Using hf://someone/boat-lora@")
+
+
+def test_server_a_crafted_lora_breaks_nothing_for_the_next_caller(
+    cog_server: Any, loras: dict[str, Any], files: Files, tmp_path: Path
+) -> None:
+    """Through the Cog server: a LoRA with token-layer metadata (which once left a wrapper behind and broke every
+    later LoRA) fails naming lora_url; the LoRA before it gives the same video after it; a LoRA with dropout gives the
+    same video twice."""
+    server = cog_server("i2v")
+    image = tmp_path / "image.png"
+    IMAGE.save(image)
+    inputs = {"image": data_url(image), "prompt": PROMPT, "num_frames": 9, "num_inference_steps": 2, "seed": 5}
+
+    def video(result: dict, name: str) -> np.ndarray:
+        assert result["status"] == "succeeded", result
+        return read_mp4(decode_data_url(result["output"], tmp_path / f"{name}.mp4"))[1]
+
+    good = video(server.predict(**inputs, lora_url=loras["full"][0]), "good")
+    tokens = files.add(
+        "server-tokens.safetensors",
+        rewrite(loras["other"][1], tmp_path / "t.safetensors", trainable_token_indices=[1, 2]),
+    )
+    failed = server.predict(**inputs, lora_url=tokens)
+    assert failed["status"] == "failed"
+    assert "Invalid input `lora_url`: its adapter metadata sets `trainable_token_indices`" in failed["error"]
+    np.testing.assert_array_equal(video(server.predict(**inputs, lora_url=loras["full"][0]), "again"), good)
+    dropout = files.add(
+        "server-dropout.safetensors", rewrite(loras["other"][1], tmp_path / "d.safetensors", lora_dropout=0.3)
+    )
+    first = video(server.predict(**inputs, lora_url=dropout), "d1")
+    np.testing.assert_array_equal(video(server.predict(**inputs, lora_url=dropout), "d2"), first)

@@ -50,7 +50,9 @@ class Reliable:
         self.tmp = base / "tmp"
         self.tmp.mkdir()
         env = {"TMPDIR": str(self.tmp), "COG_PREDICT_TYPE_STUB": STUBS[model]}
-        self.server = CogServer(MODULES[model], weights_url, base / "cache", base / "server.log", env=env)
+        self.server = CogServer(
+            MODULES[model], weights_url=weights_url, cache=base / "cache", log=base / "server.log", env=env
+        )
         self.server.wait_ready()
         self.out = base / "out"
         self.out.mkdir()
@@ -152,7 +154,7 @@ def test_url_that_404s_fails_naming_it(reliable: Any) -> None:
     assert result["status"] == "failed"
     # Cog's own message (the download runs before our code): it names the URL, not the input.
     assert result["error"] == f"Input validation error: 404 Client Error: File not found for url: {url}"
-    assert r.leftovers() == []  # Cog 0.23.1 itself leaves an empty temp file here: serving._download_input fixes it
+    assert r.leftovers() == []  # Cog 0.23.1 itself leaves an empty temp file here: cog_compat fixes it
     r.assert_recovers()
 
 
@@ -235,8 +237,8 @@ CANCEL_POINTS = [
     ("v2v", "download", {"video": "TRICKLE/clip.mp4"}, None),
     ("i2v", "text encoding", {"prompt": faulty_predictors.STALL_TEXT}, "stalled in text encoding"),
     ("v2v", "text encoding", {"prompt": faulty_predictors.STALL_TEXT}, "stalled in text encoding"),
-    ("i2v", "denoising", {"num_frames": 49, "num_inference_steps": 100}, "Denoising step 3/100"),
-    ("v2v", "denoising", {"num_inference_steps": 100, "strength": 1.0}, "Denoising step 3/100"),
+    ("i2v", "denoising", {"prompt": faulty_predictors.STALL_DENOISE}, "stalled in denoising"),
+    ("v2v", "denoising", {"prompt": faulty_predictors.STALL_DENOISE}, "stalled in denoising"),
     ("i2v", "video encoding", {"prompt": faulty_predictors.STALL_ENCODE}, "stalled in video encoding"),
     ("v2v", "video encoding", {"prompt": faulty_predictors.STALL_ENCODE}, "stalled in video encoding"),
 ]
@@ -302,7 +304,9 @@ def schema_server(weights_urls: dict[str, str], tmp_path_factory: pytest.TempPat
     (base / ".cog").mkdir()
     shutil.copy(ROOT / "tests" / "schemas" / "predict_i2v.json", base / ".cog" / "openapi_schema.json")
     env = {"COG_PREDICT_TYPE_STUB": str(ROOT / "predict_i2v.py") + ":Predictor", "PYTHONPATH": str(ROOT)}
-    server = CogServer("predict_i2v", weights_urls["i2v"], base / "cache", base / "server.log", env=env, cwd=base)
+    server = CogServer(
+        "predict_i2v", weights_url=weights_urls["i2v"], cache=base / "cache", log=base / "server.log", env=env, cwd=base
+    )
     server.wait_ready()
     yield server
     server.close()

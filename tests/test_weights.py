@@ -263,13 +263,17 @@ def test_client_errors_fail_at_once(server: Server, tmp_path: Path, status: int)
     assert_nothing_installed(tmp_path / "model")
 
 
-def test_connection_refused(tmp_path: Path) -> None:
+def test_connection_refused_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A permanent failure: one attempt, one sentence naming the variable, no library class name."""
     srv = Server()  # bound, then closed: the port refuses connections
     url = srv.url("/w.tar")
     srv.server_close()
-    with pytest.raises(WeightsError, match="ConnectError") as exc:
+    waits: list[float] = []
+    monkeypatch.setattr(downloads.time, "sleep", waits.append)
+    with pytest.raises(WeightsError) as exc:
         download_weights(url, tmp_path / "model")
-    assert url in str(exc.value) and "attempts" in str(exc.value)
+    assert str(exc.value) == f"Cannot set up the weights in TEST_WEIGHTS_URL ({url}): the connection was refused."
+    assert waits == []  # no backoff: not retried
     assert_nothing_installed(tmp_path / "model")
 
 
@@ -402,15 +406,38 @@ def test_cache_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert weights.cache_dir() / "cogvideox-5b-i2v" == tmp_path / "cogvideox-5b-i2v"
 
 
+# A stand-in that keeps pget v0.11.0's contract as its source (cmd/root, pkg/extract) has it: flags -c/-m/-x/-f among
+# others, exactly two arguments, a destination that must not exist (without -f), exit status 1 on any error with the
+# message last on stderr, and with -x files extracted as they stream: a failure leaves what was written in place.
 FAKE_PGET = """#!{python}
 import json, os, sys, tarfile
 with open(os.environ["FAKE_PGET_LOG"], "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
-dest = sys.argv[-1]
-if os.path.exists(dest):
-    sys.exit("pget: destination exists, use -f")
+args, flags = [], set()
+argv = iter(sys.argv[1:])
+for arg in argv:
+    if arg in ("-c", "-m", "-r", "--connect-timeout"):
+        next(argv)
+    elif arg in ("-x", "-f"):
+        flags.add(arg)
+    elif arg.startswith("-"):
+        print(f"Error: unknown shorthand flag: {{arg!r}}", file=sys.stderr)
+        sys.exit(1)
+    else:
+        args.append(arg)
+if len(args) != 2:
+    print(f"Error: accepts 2 arg(s), received {{len(args)}}", file=sys.stderr)
+    sys.exit(1)
+dest = args[1]
+if os.path.exists(dest) and "-f" not in flags:
+    print("pget: destination exists, use -f", file=sys.stderr)
+    sys.exit(1)
 if os.environ.get("FAKE_PGET_FAIL"):
-    sys.exit("pget: download failed: 404 Not Found")
+    os.makedirs(os.path.join(dest, "unet"))  # extracted before the failure, left in place
+    with open(os.path.join(dest, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"half")
+    print("pget: download failed: 404 Not Found", file=sys.stderr)
+    sys.exit(1)
 os.makedirs(dest)
 with tarfile.open(os.environ["FAKE_PGET_TAR"]) as tar:
     tar.extractall(dest, filter="fully_trusted")
@@ -466,7 +493,8 @@ def test_pget_failure_is_reported(fake_pget: Path, tmp_path: Path, monkeypatch: 
     with pytest.raises(WeightsError, match=r"pget failed \(pget: download failed: 404 Not Found\)") as exc:
         download_weights(url, tmp_path / "model")
     assert url in str(exc.value)
-    assert_nothing_installed(tmp_path / "model")
+    assert_nothing_installed(tmp_path / "model")  # what pget extracted before failing is removed too
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
 
 
 def test_served_directory_is_quiet_when_the_size_probe_hangs_up(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
@@ -481,3 +509,11 @@ def test_served_directory_is_quiet_when_the_size_probe_hangs_up(tmp_path: Path, 
         server.shutdown()
     assert_installed(tmp_path / "model", f"http://127.0.0.1:{server.server_port}/w.tar")
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_model_index_key_outside_the_snapshot_is_refused(tmp_path: Path) -> None:
+    """A component named '..' would make the folder checks look outside the snapshot."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "..": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(WeightsError) as error:
+        weights._check_folder(tmp_path)
+    assert str(error.value) == "model_index.json names a component '..', which is not a folder name"
