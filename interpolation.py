@@ -31,12 +31,13 @@ from torch import nn
 
 from errors import InputError, WeightsError
 from reporting import logger
-from weights import Source, cache_dir, fetch_file
+from weights import Source, cache_dir, fetch_file, hub_file
 
 VARIABLE = "RIFE_WEIGHTS_URL"
 DEFAULT_SOURCE = "https://github.com/EutropicAI/cccv/releases/download/model_zoo/RIFE_IFNet_v426_heavy.pth"
 DEFAULT_SHA256 = "4cc518e172156ad6207b9c7a43364f518832d83a4325d484240493a9e2980537"
 MAX_FILE_BYTES = 500 * 10**6  # the published file is tens of MB
+DOWNLOAD_BASE_S, DOWNLOAD_MIN_RATE = 300.0, 1e6  # a download's time limit: this, plus its size at this many bytes/s
 MAX_OUTPUT_FPS = 60
 DUPLICATE_SSIM, SCENE_CUT_SSIM = 0.996, 0.2  # THUDM's composite demo's thresholds, on 32x32 downsamples
 PAD_MULTIPLE = 64  # the coarsest block works at 1/16 and its convolutions halve twice more
@@ -272,7 +273,14 @@ def load_rife(*, offload: bool) -> tuple[Rife, dict[str, float]]:
     path = cache_dir() / "rife" / f"{hashlib.sha256(source.text.encode()).hexdigest()[:16]}.pth"
     where = f"{VARIABLE} ({source.text})"
     try:
-        metrics = fetch_file(source, path, MAX_FILE_BYTES, ".pth")
+        pinned = hub_file(source, ".pth").source if source.repo and not path.is_file() else source
+        metrics = fetch_file(
+            pinned,
+            path,
+            max_bytes=MAX_FILE_BYTES,
+            time_limit=lambda size: DOWNLOAD_BASE_S + (size or MAX_FILE_BYTES) / DOWNLOAD_MIN_RATE,
+            make_room=lambda size: None,  # one small file: nothing to evict
+        )
     except WeightsError as error:
         raise WeightsError(f"Cannot fetch the RIFE weights in {where}: {error}.") from None
     try:

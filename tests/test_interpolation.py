@@ -328,6 +328,22 @@ def test_an_override_is_not_checksummed(rife_url: str, tmp_path: Path, monkeypat
     assert rife.device.type == "cpu" and rife.dtype == torch.float32 and not rife.model.training
 
 
+def test_hub_sources(
+    hub: Any, rife_url: str, served_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf://OWNER/NAME (the repo's only .pth) and hf://OWNER/NAME/FILE.pth; once cached, setup needs no hub."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "flownet.pth").write_bytes((served_dir / "rife" / "RIFE_IFNet_v426_heavy.pth").read_bytes())
+    hub.add_repo("someone/rife", repo)
+    for url in ("hf://someone/rife", "hf://someone/rife/flownet.pth"):
+        rife, timings = load(monkeypatch, tmp_path / "cache", url)
+        assert timings["rife_download_s"] > 0 and isinstance(rife.model, IFNet)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # unreachable
+    assert load(monkeypatch, tmp_path / "cache", "hf://someone/rife")[1]["rife_download_s"] == 0.0
+
+
 # --- through the predictors -------------------------------------------------------------------------------------------
 
 
