@@ -90,6 +90,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LABELS = {
     "reference": "reference (model card: CPU offload + VAE tiling/slicing)",
     "project": "project (place_pipeline + speed_up: resident, fused QKV)",
+    "rife": "project + RIFE x2 frame interpolation (interpolation=2; lossless for the generated frames)",
     "lora": f"project + rank-{LORA_RANK} LoRA (not lossless: changes the output by design)",
     "fbc": f"project + FirstBlockCache {FBC_THRESHOLD} (LOSSY)",
     "compile": "project + per-block torch.compile",
@@ -108,6 +109,7 @@ class Model:
     smoke_inputs: dict[str, Any]  # the same with --smoke
     smoke_constants: dict[str, Any] = field(default_factory=dict)  # module constants patched with --smoke
     rife_inputs: dict[str, Any] = field(default_factory=lambda: {"interpolation": 2})  # the rife configuration's
+    smoke_rife_inputs: dict[str, Any] = field(default_factory=lambda: {"interpolation": 2})  # the same with --smoke
 
 
 MODELS = {
@@ -580,9 +582,11 @@ def configure(name: str, bench: Bench) -> dict[str, Any]:
         speed_up(denoiser(pipe))
         return {"placement": placement, "vae": vae_savers(pipe)}
     if name == "rife":
+        spec = MODELS[bench.model]
+        inputs = spec.smoke_rife_inputs if bench.device == "cpu" else spec.rife_inputs  # CPU: --smoke
         bench.saved_inputs = dict(bench.inputs)
-        bench.inputs.update(MODELS[bench.model].rife_inputs)
-        return {"rife_inputs": MODELS[bench.model].rife_inputs}
+        bench.inputs.update(inputs)
+        return {"rife_inputs": inputs}
     if name == "lora":
         return configure_lora(bench)
     if name == "fbc":

@@ -161,6 +161,20 @@ def test_new_frames_are_the_model_at_their_times(rife: Rife, model: IFNet) -> No
     np.testing.assert_allclose(out[5:8], expected.clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+def test_offloaded_rife_waits_on_the_cpu(model: IFNet, rife: Rife, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offloaded (emulated: the CPU stands for the GPU), the model moves for the call and back, output unchanged."""
+    offloaded = Rife(IFNet(), offload=False)
+    offloaded.model.load_state_dict(model.state_dict())
+    offloaded.offload = True
+    moves: list[str] = []
+    original = offloaded.model.to
+    monkeypatch.setattr(offloaded.model, "to", lambda *a, **k: moves.append(str(a[0])) or original(*a, **k))
+    frames = moving(3, 32, 32)
+    np.testing.assert_array_equal(offloaded.interpolate(frames, 2), rife.interpolate(frames, 2))
+    assert moves == ["cpu", "cpu"]  # to the device (here the CPU), then back to the CPU
+    assert next(offloaded.model.parameters()).device.type == "cpu"
+
+
 def test_ssim() -> None:
     frames = torch.from_numpy(moving(2, 32, 32)).permute(0, 3, 1, 2)
     noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
