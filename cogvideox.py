@@ -18,6 +18,7 @@ import cog_compat
 from errors import ServiceError
 from interpolation import load_rife
 from lora import Loras
+from memory import GpuMemory
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, record_metric
 
@@ -32,7 +33,8 @@ class CogVideoXPredictor(BaseRunner):
     def setup(self) -> None:
         """Fetch the weights if the cache lacks them and load the pipeline, its samplers and the LoRA slots."""
         cog_compat.install()
-        self.pipe, self.setup_timings = load_pipeline(self.checkpoint)
+        self.memory = GpuMemory(self.checkpoint.name)  # before the weights: its budget is the memory free now
+        self.pipe, self.setup_timings = load_pipeline(self.checkpoint, self.memory)
         # As the official CLI: "trailing" timestep spacing (which the hub's scheduler configs also give).
         self.schedulers = {
             name: cls.from_config(self.pipe.scheduler.config, timestep_spacing="trailing")

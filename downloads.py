@@ -12,7 +12,6 @@ to put in context (it names no URL).
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import re
@@ -26,11 +25,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-log = logging.getLogger(__name__)
+from reporting import logger
+
+log = logger.getChild(__name__)  # "predict.downloads": shown in Cog's logs with the predict logger's
 T = TypeVar("T")
 
 RETRIES = 5  # attempts per request
@@ -180,11 +181,37 @@ def _tar_pget(url: str, tmp: Path) -> None:
         cmd += ["-m", chunk_size]
     cmd += ["-x", url, str(tmp)]
     log.info("Downloading %s with pget into %s", url, tmp)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    tail: deque[str] = deque(maxlen=3)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        try:
+            _stream_lines(proc.stdout, tail)
+        except BaseException:  # a cancelled prediction (Cog's CancelationException) must not leave pget running
+            proc.kill()
+            raise
     if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit code {proc.returncode}"
+        detail = tail[-1] if tail else f"exit code {proc.returncode}"
         raise DownloadError(f"pget failed ({detail})")
+
+
+def _stream_lines(stream: Any, tail: deque[str]) -> None:
+    """Log pget's output as it comes: its progress (lines ended by \r or \n) at most every PROGRESS_EVERY_S,
+    every other line as it is; keep the last lines in `tail` for an error message."""
+    buffer, logged = b"", 0.0
+    while chunk := stream.read1(65536):
+        *lines, buffer = re.split(rb"[\r\n]", buffer + chunk)
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            tail.append(line)
+            now = time.monotonic()
+            progress = "%" in line or "/s" in line
+            if not progress or now - logged >= PROGRESS_EVERY_S:
+                logged = now if progress else logged
+                log.info("pget: %s", line)
+    if line := buffer.decode(errors="replace").strip():
+        tail.append(line)
+        log.info("pget: %s", line)
 
 
 def _tar_httpx(url: str, tmp: Path) -> int:

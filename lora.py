@@ -37,8 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from errors import InputError, ServiceError, WeightsError
+from memory import use_unfused_qkv
 from reporting import logger, record_metric
-from weights import Source, cache_dir, fetch_file, hub_file
+from weights import Source, cache_dir, cache_file, hub_file
 
 MAX_FILE_BYTES = 2 * 10**9  # a rank-128 LoRA on every linear layer of a 5B transformer is ~1.4 GB in float32
 CACHE_BYTES = 20 * 10**9  # the LoRA files kept on disk, least recently used deleted first
@@ -104,6 +105,7 @@ class Loras:
         self.loaded.move_to_end(name)
         try:
             self.active, self.scale = name, scale
+            use_unfused_qkv(self.pipe.transformer, True)  # resident and fused: the unfused projections onto the GPU
             self.pipe.transformer.set_attn_processor(dict(self.unfused))  # it empties the dict it is given
             self.pipe.enable_lora()  # set_adapters alone does not undo disable_lora
             self.pipe.set_adapters([name], [scale])
@@ -127,6 +129,7 @@ class Loras:
             if self.loaded:
                 self.pipe.disable_lora()
             self.pipe.transformer.set_attn_processor(dict(self.fused))
+            use_unfused_qkv(self.pipe.transformer, False)
             self.active = None
 
     def _resolve(self, url: str) -> Source:
@@ -153,7 +156,7 @@ class Loras:
         folder = cache_dir() / "loras"
         path = folder / f"{name}.safetensors"
         try:
-            metrics = fetch_file(
+            metrics = cache_file(
                 source,
                 path,
                 max_bytes=MAX_FILE_BYTES,

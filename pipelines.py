@@ -1,4 +1,5 @@
-"""Loading a model: its weights into the cache, a diffusers pipeline from them, placed on the GPU and sped up."""
+"""Loading a model: its weights into the cache, a diffusers pipeline from them, placed on the GPU (memory.py decides
+where) and sped up."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from errors import WeightsError
+from memory import GpuMemory, denoiser
 from reporting import configure_logging, logger
 from weights import cache_dir, fetch_weights
 
@@ -27,15 +29,15 @@ class Checkpoint:
     source: str  # the default source
     pipeline: Any  # the diffusers pipeline class
     cuda_dtype: torch.dtype
-    resident_gib: float  # free GPU memory needed to keep the whole pipeline on the GPU (else: CPU offload)
-    vae_tiling: bool = False  # decode in tiles even when resident: frames too large to decode at once
 
 
-def load_pipeline(checkpoint: Checkpoint) -> tuple[Any, dict[str, float]]:
+def load_pipeline(checkpoint: Checkpoint, memory: GpuMemory) -> tuple[Any, dict[str, float]]:
     """Fetch the weights into the cache if needed, load them offline, place the pipeline and speed up its denoiser.
 
     On CUDA in the checkpoint's dtype; on the CPU (tests) in float32, where half precision is slow or unsupported.
-    TORCH_COMPILE=1 also compiles the denoiser's blocks (see speed_up). Returns the pipeline and setup's timings.
+    `memory` (made before, so that its budget is the GPU memory free before any weights) places the pipeline and
+    says whether fusing Q/K/V pays. TORCH_COMPILE=1 also compiles the denoiser's blocks (see speed_up). Returns the
+    pipeline and setup's timings.
     """
     configure_logging()
     start = time.perf_counter()
@@ -45,8 +47,9 @@ def load_pipeline(checkpoint: Checkpoint) -> tuple[Any, dict[str, float]]:
     device, dtype = ("cuda", checkpoint.cuda_dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
     with strict_loading(f"{checkpoint.variable} ({source})"):
         pipe = checkpoint.pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)  # never the hub
-    place_pipeline(pipe, device, checkpoint.resident_gib, checkpoint.vae_tiling)
-    speed_up(denoiser(pipe), compile_blocks=os.environ.get("TORCH_COMPILE") == "1")
+    memory.place(pipe)
+    speed_up(denoiser(pipe), fuse=memory.fused, compile_blocks=os.environ.get("TORCH_COMPILE") == "1")
+    memory.after_fusing()
     pipe.set_progress_bar_config(disable=True)
     timings["load_s"] = time.perf_counter() - start - timings["download_s"]
     logger.info("Weights ready in %.1f s, pipeline loaded in %.1f s", timings["download_s"], timings["load_s"])
@@ -98,49 +101,22 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def place_pipeline(pipe: Any, device: str, resident_gib: float, vae_tiling: bool = False) -> str:
-    """Keep the whole pipeline on the GPU when `resident_gib` of memory is free; else offload to the CPU.
+def speed_up(model: Any, *, fuse: bool = True, compile_blocks: bool = False) -> None:
+    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement, without changing its output.
 
-    Offloading also decodes in tiles and slices; `vae_tiling` tiles on every placement. Returns the placement
-    chosen ("cpu", "resident" or "offload"), which is also logged.
-    """
-    if device == "cpu":
-        placement = "cpu"
-        pipe.to("cpu")
-    else:
-        free_gib = torch.cuda.mem_get_info()[0] / 2**30
-        if free_gib >= resident_gib:
-            placement = "resident"
-            pipe.to("cuda")
-        else:
-            placement = "offload"
-            pipe.enable_model_cpu_offload()
-            pipe.vae.enable_slicing()
-            vae_tiling = True
-        logger.info("GPU memory free: %.1f GiB (resident needs %.0f GiB)", free_gib, resident_gib)
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-    logger.info("Pipeline placement: %s%s", placement, ", VAE tiling" if vae_tiling else "")
-    return placement
-
-
-def denoiser(pipe: Any) -> torch.nn.Module:
-    """The model the denoising loop calls: CogVideoX's transformer or zeroscope's UNet3D."""
-    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-
-
-def speed_up(model: Any, compile_blocks: bool = False) -> None:
-    """Speed up the denoiser (CogVideoX transformer or UNet3D) in place, after placement. Lossless.
-
-    Fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the pipeline's
-    latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). With `compile_blocks` and CUDA, also compiles each
-    repeated block with torch.compile (diffusers' compile_repeated_blocks rejects both models); off by default:
+    With `fuse`, fuses each attention's Q/K/V (or K/V) projections into one matmul: on tiny weights in float32 the
+    pipeline's latents are unchanged (CogVideoX) or within 1e-5 (UNet3D). The unfused projections stay (LoRAs need
+    them): memory.GpuMemory.after_fusing parks them on the CPU while resident; memory.GpuMemory.fused says not to
+    fuse under CPU offload, where the copy would move with every call. With `compile_blocks` and CUDA, also compiles
+    each repeated block with torch.compile (diffusers' compile_repeated_blocks rejects both models); off by default:
     it costs compile time at setup and at each new input shape, and no GPU measurement shows it paying off yet.
     """
-    model.fuse_qkv_projections()
+    if fuse:
+        model.fuse_qkv_projections()
     compiled = compile_blocks and torch.cuda.is_available()
     if compiled:
         blocks = getattr(model, "transformer_blocks", None) or [*model.down_blocks, model.mid_block, *model.up_blocks]
         for block in blocks:
             block.compile()
-    logger.info("Speed-ups: fused QKV projections%s", ", compiled blocks" if compiled else "")
+    done = [name for name, on in (("fused QKV projections", fuse), ("compiled blocks", compiled)) if on]
+    logger.info("Speed-ups: %s", ", ".join(done) or "none")

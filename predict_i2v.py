@@ -19,7 +19,6 @@ CHECKPOINT = Checkpoint(
     source="https://weights.replicate.delivery/default/THUDM/CogVideo/model_cache_i2v.tar",
     pipeline=CogVideoXImageToVideoPipeline,
     cuda_dtype=torch.bfloat16,
-    resident_gib=40,  # ~21 GiB of bf16 weights + 720x480x49 activations and the untiled VAE decode
 )
 # Input() arguments stay literals (or module-level literals): `cog build` reads the schema statically.
 FRAME_COUNTS = [9, 17, 25, 33, 41, 49]  # 8N+1: other counts come out as mosaics or the wrong length
@@ -91,7 +90,10 @@ class Predictor(CogVideoXPredictor):
         image = fit_image(load_image(image), self.width, self.height, sizing_strategy)
         seed = resolve_seed(seed)
         self.loras.use(lora_url, lora_scale)
-        with phase("inference"):
+        with (
+            phase("inference"),
+            self.memory.fit(width=self.width, height=self.height, frames=num_frames, guidance_scale=guidance_scale),
+        ):
             frames = self.generate(
                 image=image,
                 prompt=prompt,

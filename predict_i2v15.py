@@ -21,8 +21,6 @@ CHECKPOINT = Checkpoint(
     source="hf://THUDM/CogVideoX1.5-5B-I2V",
     pipeline=CogVideoXImageToVideoPipeline,
     cuda_dtype=torch.bfloat16,
-    resident_gib=48,  # estimate: ~23 GiB of bf16 weights + 1360x768x161 activations; not measured on a GPU yet
-    vae_tiling=True,  # as the official demo: an untiled decode of 81+ frames at 1360x768 runs out of memory
 )
 # The model card's limits: the short side is 768, the long side a multiple of 16 from 768 to 1360.
 SHORT_SIDE, LONG_SIDE_MAX, SIDE_MULTIPLE = 768, 1360, 16
@@ -115,7 +113,10 @@ class Predictor(CogVideoXPredictor):
         image = fit_image(image, width, height, sizing_strategy)
         seed = resolve_seed(seed)
         self.loras.use(lora_url, lora_scale)
-        with phase("inference"):
+        with (
+            phase("inference"),
+            self.memory.fit(width=width, height=height, frames=num_frames, guidance_scale=guidance_scale),
+        ):
             frames = self.generate(
                 image=image,
                 prompt=prompt,

@@ -15,6 +15,7 @@ from errors import InputError, ServiceError
 from inputs import resolve_seed, validate_inputs
 from interpolation import load_rife, output_fps
 from media import fit_image, output_path, read_video, write_mp4
+from memory import GpuMemory
 from pipelines import Checkpoint, load_pipeline
 from reporting import StepLogger, phase, record_metric, record_setup_metrics
 
@@ -24,7 +25,6 @@ CHECKPOINT = Checkpoint(
     source="hf://cerspense/zeroscope_v2_XL",
     pipeline=VideoToVideoSDPipeline,
     cuda_dtype=torch.float16,
-    resident_gib=24,  # ~3 GiB of fp16 weights + 1024x576x24 activations
 )
 
 
@@ -32,7 +32,8 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Fetch the weights if the cache lacks them, load the pipeline and run one warm-up step."""
         cog_compat.install()
-        self.pipe, self.setup_timings = load_pipeline(CHECKPOINT)
+        self.memory = GpuMemory(CHECKPOINT.name, frames_input="max_frames")  # before the weights: memory free now
+        self.pipe, self.setup_timings = load_pipeline(CHECKPOINT, self.memory)
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         self.rife, rife_timings = load_rife(offload=self.pipe.device.type != "cuda")
@@ -120,7 +121,8 @@ class Predictor(BaseRunner):
             frames = [fit_image(frame, width, height, sizing_strategy) for frame in frames]
         fps = output_fps(fps or input_fps, interpolation, from_input=fps is None)
         seed = resolve_seed(seed)
-        with phase("inference"):
+        fits = self.memory.fit(width=width, height=height, frames=len(frames), guidance_scale=guidance_scale)
+        with phase("inference"), fits:
             output = self.generate(
                 frames=frames,
                 prompt=prompt,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from cog import current_scope
 
 logger = logging.getLogger("predict")
@@ -39,20 +36,9 @@ def record_setup_metrics(timings: dict[str, float]) -> None:
 
 @contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Time a phase of a prediction as the metric `timing.<name>`; turn out-of-memory into a clear error."""
+    """Time a phase of a prediction as the metric `timing.<name>` (out-of-memory: memory.GpuMemory.fit)."""
     start = time.perf_counter()
-    try:
-        yield
-    except torch.OutOfMemoryError as error:
-        # The traceback keeps the failed step's frames, and so its tensors, alive (even outside this block: the
-        # caller's `with` is still handling the error): clear their locals so the memory can be given back.
-        traceback.clear_frames(error.__traceback__)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise RuntimeError(
-            f"Out of GPU memory during {name}: try fewer frames, a smaller size or fewer inference steps."
-        ) from None
+    yield
     seconds = time.perf_counter() - start
     record_metric(f"timing.{name}", seconds)
     logger.info("%s took %.2f s", name.capitalize(), seconds)

@@ -8,7 +8,7 @@
 The folder is built in a temporary sibling of ``dest``; its ``model_index.json`` is normalised (libraries that
 diffusers cannot import are replaced by the package that defines the class), every component is checked for its
 files, a completion marker is written and the folder is renamed into place, all under a file lock: two processes
-fetch once, and an interrupted install is never taken for a cache. ``fetch_file`` does the same for one file (a
+fetch once, and an interrupted install is never taken for a cache. ``cache_file`` does the same for one file (a
 LoRA) in a folder of such files, under one lock per folder. The cache root is $WEIGHTS_CACHE_DIR (default
 ./model_cache); HF_TOKEN is used for private and gated repos.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
-import logging
 import os
 import re
 import secrets
@@ -35,8 +34,9 @@ from filelock import FileLock, Timeout
 import downloads
 from downloads import RETRIES, DownloadError
 from errors import ServiceError, WeightsError
+from reporting import logger
 
-log = logging.getLogger(__name__)
+log = logger.getChild(__name__)  # "predict.weights": the predict logger's handler shows it in Cog's logs
 
 MARKER = ".weights-complete.json"
 HUB_WORKERS = 8  # files downloaded at once from the hub
@@ -175,7 +175,7 @@ def hub_file(source: Source, suffix: str) -> HubFile:
     return HubFile(pinned, sizes[name], base)
 
 
-def fetch_file(
+def cache_file(
     source: Source,
     dest: Path,
     *,

@@ -9,8 +9,8 @@ download), and times the predictor's own run() under each configuration, in this
              i2v15: enable_model_cpu_offload() + vae.enable_tiling() + vae.enable_slicing() (THUDM cli_demo's
              option for GPUs with room; the 1.5 model card's own example offloads sequentially, slower still);
              v2v: enable_model_cpu_offload() + vae.enable_slicing() (the diffusers docs')
-  project    what setup() does: place_pipeline() (resident on a GPU with room, the checkpoint's VAE tiling) +
-             speed_up() (fused QKV)
+  project    what setup() and run() do: memory.GpuMemory places the pipeline (resident on a GPU with room) and
+             picks the VAE's savers per call from the memory model; speed_up() fuses QKV where it places resident
   rife       project + RIFE frame interpolation x2 (interpolation=2): i2v 49 -> 97 frames at 720x480 (its default),
              i2v15 161 -> 321 frames at 1360x768, v2v 24 -> 47 frames at 1024x576; reports RIFE's seconds and
              its share of the prediction (also extrapolated to the default steps). RIFE's weights are random in the
@@ -23,9 +23,12 @@ download), and times the predictor's own run() under each configuration, in this
 
 Per configuration: one warm-up run, then --repeats runs, medians of: end-to-end run() seconds, denoising seconds
 (first to last transformer/UNet forward, CUDA events) and seconds per step, text-encode / VAE-encode / VAE-decode
-seconds (synchronised wrappers), peak GPU memory, achieved TFLOP/s of the transformer/UNet (FLOPs of one forward at
-the real shapes counted with FlopCounterMode, x forwards per run / denoising seconds), the speed-up over the
-reference, and the max abs difference of the final latents (and decoded video) from the reference, same seed.
+seconds (synchronised wrappers), peak GPU memory of the run and of each phase (text encode, VAE encode, denoise,
+VAE decode: torch.cuda.max_memory_allocated, reset as each phase starts) next to memory.py's prediction for the same
+placement and inputs ("memory_model" in the JSON: predicted, measured, ratio), achieved TFLOP/s of the
+transformer/UNet (FLOPs of one forward at the real shapes counted with FlopCounterMode, x forwards per run /
+denoising seconds), the speed-up over the reference, and the max abs difference of the final latents (and decoded
+video) from the reference, same seed.
 The LoRA configuration also reports its per-step and end-to-end time over the project's, the first use of a LoRA
 (download + check + load) and a switch between two loaded ones.
 The JSON (--json) is rewritten after each configuration, and a table row is printed as each one finishes.
@@ -74,11 +77,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import cogvideox  # noqa: E402
+import memory  # noqa: E402
 import tiny_weights  # noqa: E402
 import weights  # noqa: E402
 from harness import serve_directory  # noqa: E402
 from media import write_mp4  # noqa: E402
-from pipelines import Checkpoint, denoiser, place_pipeline, speed_up  # noqa: E402
+from pipelines import Checkpoint, denoiser, speed_up  # noqa: E402
 
 START = time.perf_counter()
 SEED = 42
@@ -89,7 +93,7 @@ LORA_RANK = 64
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LABELS = {
     "reference": "reference (model card: CPU offload + VAE tiling/slicing)",
-    "project": "project (place_pipeline + speed_up: resident, fused QKV)",
+    "project": "project (memory.GpuMemory placement + speed_up: resident, fused QKV where it fits)",
     "rife": "project + RIFE x2 frame interpolation (interpolation=2; lossless for the generated frames)",
     "lora": f"project + rank-{LORA_RANK} LoRA (not lossless: changes the output by design)",
     "fbc": f"project + FirstBlockCache {FBC_THRESHOLD} (LOSSY)",
@@ -331,14 +335,22 @@ def make_predictor(model: str, pipe: Any) -> Any:
     after the download and placement (speed_up, so that setup() makes its Loras on fused projections, as in
     production); each configuration then places the pipeline its way."""
 
-    def load_pipeline(checkpoint: Checkpoint) -> tuple[Any, dict[str, float]]:
-        speed_up(denoiser(pipe))
+    def load_pipeline(checkpoint: Checkpoint, gpu: memory.GpuMemory) -> tuple[Any, dict[str, float]]:
+        gpu.place(pipe)
+        speed_up(denoiser(pipe), fuse=gpu.fused)
+        gpu.after_fusing()
         pipe.set_progress_bar_config(disable=True)
         return pipe, {}
 
+    def free_without_the_weights() -> int | None:  # the pipeline is already on the GPU: what setup would see free
+        return torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+
     module = module_of(model)
     loader = cogvideox if issubclass(module.Predictor, cogvideox.CogVideoXPredictor) else module
-    with mock.patch.object(loader, "load_pipeline", load_pipeline):
+    with (
+        mock.patch.object(loader, "load_pipeline", load_pipeline),
+        mock.patch.object(memory, "free_gpu_bytes", free_without_the_weights),
+    ):
         predictor = module.Predictor()
         predictor.setup()
     return predictor
@@ -391,6 +403,7 @@ class Probe:
     def reset(self) -> None:
         self.phases = {"text_encode_s": 0.0, "vae_encode_s": 0.0, "vae_decode_s": 0.0, "interpolation_s": 0.0}
         self.frames_out: int | None = None  # what interpolation returned
+        self.peaks: dict[str, float] = {}  # phase -> peak bytes allocated while it ran (CUDA)
         self.marks: list[list[Any]] = []  # [start, end] of each denoiser forward
         self.latents: torch.Tensor | None = None
         self.video: torch.Tensor | None = None
@@ -402,13 +415,25 @@ class Probe:
             return event
         return time.perf_counter()
 
+    def _peak_start(self) -> None:
+        if self.cuda:
+            self.peaks["run"] = max(self.peaks.get("run", 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    def _peak_end(self, phase: str) -> None:
+        if self.cuda:
+            self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated())
+            self.peaks["run"] = max(self.peaks.get("run", 0), self.peaks[phase])
+
     def _timed(self, name: str, fn: Callable[..., Any], keep: bool = False) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             sync()
+            self._peak_start()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             sync()
+            self._peak_end(name.removesuffix("_s"))
             self.phases[name] += time.perf_counter() - start
             if keep:  # decode_latents(latents) -> video
                 self.latents, self.video = args[0].detach().float().cpu(), out.detach().float().cpu()
@@ -433,10 +458,12 @@ class Probe:
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self.forward_inputs is None:
             self.forward_inputs = (args, kwargs)
+        self._peak_start()
         self.marks.append([self._now(), None])
 
     def _post(self, module: Any, args: tuple, output: Any) -> None:
         self.marks[-1][1] = self._now()
+        self._peak_end("denoise")
 
     def __enter__(self) -> Probe:
         self.pipe.encode_prompt = self._timed("text_encode_s", self.pipe.encode_prompt)
@@ -537,8 +564,38 @@ def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
         "forward_median_s": statistics.median(spans),
         **probe.phases,
         "frames_out": probe.frames_out,
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if probe.cuda else None,
+        "peak_gpu_mem_gib": max(probe.peaks.get("run", 0), torch.cuda.max_memory_allocated()) / 2**30
+        if probe.cuda
+        else None,
+        "phase_peaks_gib": {phase: peak / 2**30 for phase, peak in probe.peaks.items() if phase != "run"},
     }
+
+
+def memory_model(predictor: Any, measured: dict[str, float]) -> dict[str, Any]:
+    """memory.py's peaks for the placement and inputs of the last run, per phase, next to the measured ones (GiB):
+    the placement the predictor planned, or for the reference (which places itself) model CPU offload, unfused;
+    the VAE's savers as they were."""
+    gpu, pipe = predictor.memory, predictor.pipe
+    if gpu.request is None:
+        return {}
+    reference = getattr(gpu, "reference", False)
+    placement = "offload" if reference or (gpu.current and gpu.current.placement == "offload") else "resident"
+    fused = not reference and (gpu.current.fused if gpu.current else True)
+    peaks, _ = memory.phase_peaks(
+        gpu.arch,
+        gpu.request,
+        placement=placement,
+        fused=fused,
+        slicing=bool(pipe.vae.use_slicing),
+        tiling=bool(pipe.vae.use_tiling),
+        lora_bytes=memory.lora_bytes(denoiser(pipe)),
+    )
+    phases = {}
+    for phase, predicted in peaks.items():
+        got = measured.get(phase)
+        ratio = got / (predicted / 2**30) if got else None
+        phases[phase] = {"predicted_gib": predicted / 2**30, "measured_gib": got, "measured_over_predicted": ratio}
+    return {"request": gpu.request.describe(), "batch": gpu.request.batch, "placement": placement, "phases": phases}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -565,9 +622,11 @@ class Bench:
 
 def configure(name: str, bench: Bench) -> dict[str, Any]:
     """Put the pipeline in configuration `name` (applied in CONFIGS order); what was done, for the report."""
-    pipe, checkpoint = bench.pipe, checkpoint_of(bench.model)
+    pipe = bench.pipe
     if name == "reference":
         unfuse(denoiser(pipe))  # as the model card loads it
+        gpu = bench.predictor.memory  # the reference places itself: run() must not plan the call
+        gpu.plan_for, gpu.reference = (lambda request: None), True
         pipe.enable_model_cpu_offload(device=bench.device)
         for saver in MODELS[bench.model].reference_vae:
             getattr(pipe.vae, f"enable_{saver}")()
@@ -578,9 +637,14 @@ def configure(name: str, bench: Bench) -> dict[str, Any]:
         pipe.remove_all_hooks()  # undo the reference's offloading
         pipe.vae.disable_tiling()
         pipe.vae.disable_slicing()
-        placement = place_pipeline(pipe, bench.device, checkpoint.resident_gib, checkpoint.vae_tiling)
-        speed_up(denoiser(pipe))
-        return {"placement": placement, "vae": vae_savers(pipe)}
+        gpu = bench.predictor.memory
+        gpu.__dict__.pop("plan_for", None)  # plan each call again (the reference stubbed it)
+        gpu.__dict__.pop("reference", None)
+        gpu.current = None
+        chosen = gpu.place(pipe)
+        speed_up(denoiser(pipe), fuse=gpu.fused)
+        gpu.after_fusing()
+        return {"placement": chosen.placement if chosen else "cpu", "vae": vae_savers(pipe)}
     if name == "rife":
         spec = MODELS[bench.model]
         inputs = spec.smoke_rife_inputs if bench.device == "cpu" else spec.rife_inputs  # CPU: --smoke
@@ -677,6 +741,9 @@ def skip_reason(name: str, model: str, device: str) -> str | None:
 def summarise(runs: list[dict], flops: int | None, executed_steps: int, default_steps: int) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for key in runs[0]:
+        if isinstance(runs[0][key], dict):  # phase_peaks_gib: the largest of the runs
+            summary[key] = {k: max(run[key][k] for run in runs) for k in runs[0][key]}
+            continue
         values = [run[key] for run in runs if run[key] is not None]
         summary[key] = statistics.median(values) if values else None
     summary["step_s"] = summary["denoise_s"] / executed_steps
@@ -779,6 +846,7 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
                 continue
             entry["runs"] = runs
             entry.update(summarise(runs, result["flops_per_forward"], executed, default_executed))
+            entry["memory_model"] = memory_model(bench.predictor, runs[-1]["phase_peaks_gib"])
             if name == "fbc":  # the cached steps skip most blocks: not the FLOPs counted
                 entry["tflops_effective"], entry["tflops"] = entry["tflops"], None
             entry["latents_repeat_max_abs_diff"] = max_abs_diff(first_latents, probe.latents)

@@ -109,10 +109,14 @@ class CogServer:
             time.sleep(0.2)
         raise TimeoutError("the Cog server did not become READY")
 
-    def predict(self, **inputs: Any) -> dict:
-        """A synchronous prediction; waits while the slot is still busy finishing the previous one (HTTP 409)."""
+    def predict(self, *, timeout: float = 300, **inputs: Any) -> dict:
+        """A synchronous prediction; waits while the slot is still busy finishing the previous one (HTTP 409).
+
+        `timeout`: seconds the prediction may take (the tests' tiny models take seconds; a real 50-step run with CPU
+        offload on a slow GPU takes many minutes: script/demo gives it hours)."""
         deadline = time.monotonic() + 30
-        while (response := self.client.post("/predictions", json={"input": inputs})).status_code == 409:
+        post = functools.partial(self.client.post, "/predictions", json={"input": inputs}, timeout=timeout)
+        while (response := post()).status_code == 409:
             assert time.monotonic() < deadline, "the server stayed busy"
             time.sleep(0.1)
         assert response.status_code == 200, response.text

@@ -83,6 +83,12 @@ def test_each_configuration_reports_positive_numbers(smoke: dict, model: str, co
     for key in POSITIVE:
         assert positive(entry[key]), (key, entry[key])
     assert "peak_gpu_mem_gib" in entry and entry["peak_gpu_mem_gib"] is None  # CPU: no GPU memory to report
+    # memory.py's prediction per phase, for the placement the configuration ran (the measured side needs CUDA)
+    model_figures = entry["memory_model"]
+    assert model_figures["placement"] == ("offload" if config == "reference" else "resident")
+    assert list(model_figures["phases"]) == ["text_encode", "vae_encode", "denoise", "vae_decode"]
+    for phase in model_figures["phases"].values():
+        assert positive(phase["predicted_gib"]) and phase["measured_gib"] is None
     assert len(entry["runs"]) == result["settings"]["repeats"]
     assert entry["forwards"] == result["settings"]["executed_steps"]  # one CFG-batched forward per step
     assert result["flops_per_forward"] > 0

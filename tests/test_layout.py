@@ -15,6 +15,7 @@ LAYERS = [
     "interpolation",
     "lora",
     "pipelines",
+    "memory",
     "weights",
     "downloads",
     "media",

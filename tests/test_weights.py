@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,8 +189,7 @@ def serve(server: Server, path: str = "/w.tar", **kwargs: object) -> str:
     return server.url(path)
 
 
-def test_downloads_extracts_and_marks(server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="weights")
+def test_downloads_extracts_and_marks(server: Server, tmp_path: Path) -> None:
     data = make_tar()
     url = serve(server, data=data)
     dest = tmp_path / "cache" / "model"
@@ -196,7 +197,18 @@ def test_downloads_extracts_and_marks(server: Server, tmp_path: Path, caplog: py
     assert_installed(dest, url)
     assert metrics["cached"] == 0.0 and metrics["bytes"] == len(data)
     assert metrics["download_s"] > 0 and metrics["mb_per_s"] > 0
-    assert "MB/s" in caplog.text
+
+
+def test_a_cold_start_is_in_the_cog_servers_log(cog_server: Any) -> None:
+    """The session's i2v server fetched its weights into a fresh cache at setup: what and how fast is in the log the
+    server itself writes (weights.py and downloads.py log through the predict logger), not only in pytest's capture."""
+    server = cog_server("i2v")
+    lines = [json.loads(line) for line in Path(server.log.name).read_text().splitlines() if line.startswith("{")]
+    setup = [line["fields"]["message"] for line in lines if line.get("target") == "coglet::setup"]  # the worker's
+    fetched = [message for message in setup if message.startswith("Downloading http://127.0.0.1:")]
+    assert fetched and "bytes" in fetched[0], setup
+    installed = [message for message in setup if message.startswith("Installed http://127.0.0.1:")]
+    assert installed and re.search(r": [\d.]+ MB, \d+ files in [\d.]+ s \([\d.]+ MB/s\)$", installed[0]), installed
 
 
 def test_second_call_is_cached_without_requests(server: Server, tmp_path: Path) -> None:
@@ -432,6 +444,8 @@ dest = args[1]
 if os.path.exists(dest) and "-f" not in flags:
     print("pget: destination exists, use -f", file=sys.stderr)
     sys.exit(1)
+for percent in (50, 100):
+    print("%d%% 1.0 MiB / 2.0 MiB 12.3 MiB/s" % percent, end="\\r", flush=True)  # as pget's progress bar
 if os.environ.get("FAKE_PGET_FAIL"):
     os.makedirs(os.path.join(dest, "unet"))  # extracted before the failure, left in place
     with open(os.path.join(dest, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
@@ -476,6 +490,25 @@ def test_pget_is_used_and_result_validated(fake_pget: Path, tmp_path: Path, monk
     assert metrics["bytes"] == sum(len(v) for v in FILES.values())
     assert download_weights(url, dest)["cached"] == 1.0
     assert len(fake_pget.read_text().splitlines()) == 1
+
+
+def test_pget_progress_streams_into_the_predict_log(
+    fake_pget: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pget's progress lines reach the predict logger's output (Cog's log), as they come, one every few seconds."""
+    _pget_tar(tmp_path, monkeypatch, make_tar(prefix="top/"))
+    script = (
+        "import sys, pathlib, reporting, weights; reporting.configure_logging(); "
+        "weights.fetch_weights('https://weights.example/m.tar', pathlib.Path(sys.argv[1]), 'WEIGHTS_URL')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", script, str(tmp_path / "model")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "pget: 50% 1.0 MiB / 2.0 MiB 12.3 MiB/s" in out.splitlines()
+    assert "pget: 100%" not in out  # throttled: the next progress line came within PROGRESS_EVERY_S
+    assert "Installed https://weights.example/m.tar" in out
 
 
 def test_pget_symlink_escape_rejected(fake_pget: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
