@@ -41,7 +41,7 @@ class CogVideoXPredictor(BaseRunner):
             for name, cls in SCHEDULERS.items()
         }
         self.loras = Loras(self.pipe, self.checkpoint.name)
-        self.rife, rife_timings = load_rife(offload=self.pipe.device.type != "cuda")  # frame interpolation
+        self.rife, rife_timings = load_rife(offloaded=lambda: self.pipe.device.type != "cuda")  # frame interpolation
         self.setup_timings |= rife_timings
 
     def warm_up(self, width: int, height: int, num_frames: int) -> None:

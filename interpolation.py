@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import InputError, WeightsError
+from errors import InputError, ServiceError, WeightsError
 from reporting import logger
-from weights import Source, cache_dir, fetch_file, hub_file
+from weights import Source, cache_dir, cache_file, hub_file
 
 VARIABLE = "RIFE_WEIGHTS_URL"
 DEFAULT_SOURCE = "https://github.com/EutropicAI/cccv/releases/download/model_zoo/RIFE_IFNet_v426_heavy.pth"
@@ -201,15 +202,16 @@ def output_fps(fps: float, factor: int, *, from_input: bool = False) -> float:
 
 
 class Rife:
-    """IFNet on the pipeline's device: resident on CUDA in float16, or kept on the CPU and moved to the GPU only
-    while interpolating when the pipeline is offloaded; on the CPU (tests) in float32."""
+    """IFNet on the pipeline's device: on CUDA in float16, on the CPU (tests) in float32. ``offloaded()`` says, at each
+    call, whether the pipeline runs under CPU offload (the placement may change per prediction): then the model
+    waits on the CPU and is on the GPU only while it interpolates; otherwise it stays on the GPU."""
 
-    def __init__(self, model: IFNet, *, offload: bool) -> None:
+    def __init__(self, model: IFNet, *, offloaded: Callable[[], bool]) -> None:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if cuda else "cpu")
         self.dtype = CUDA_DTYPE if cuda else torch.float32
-        self.offload = cuda and offload
-        self.model = model.eval().to(dtype=self.dtype, device="cpu" if self.offload else self.device)
+        self.offloaded = offloaded
+        self.model = model.eval().to(self.dtype)  # on the CPU until the first interpolation
 
     @torch.inference_mode()
     def interpolate(self, frames: np.ndarray, factor: int) -> np.ndarray:
@@ -236,28 +238,44 @@ class Rife:
         )
         if not jobs:
             return out
-        pad = (0, -width % PAD_MULTIPLE, 0, -height % PAD_MULTIPLE)  # right and bottom, zeros: Practical-RIFE's
         try:
-            if self.offload:
-                self.model.to(self.device)
-            for start in range(0, len(jobs), BATCH):
-                batch = jobs[start : start + BATCH]
-                pairs = torch.tensor([p for p, _ in batch])
-                img0 = F.pad(video[pairs].to(self.device, self.dtype), pad)
-                img1 = F.pad(video[pairs + 1].to(self.device, self.dtype), pad)
-                t = torch.tensor([j / factor for _, j in batch], device=self.device)
-                made = self.model(img0, img1, t)[:, :, :height, :width].clamp(0, 1)
-                made = made.permute(0, 2, 3, 1).float().cpu().numpy()
+            self.model.to(self.device)
+            done, batch_size = 0, BATCH
+            while done < len(jobs):
+                batch = jobs[done : done + batch_size]
+                try:
+                    made = self._frames(video, batch, factor)
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise ServiceError(
+                            f"Out of GPU memory interpolating {width}x{height} frames: try a lower interpolation."
+                        ) from None
+                    batch_size //= 2  # the exception is gone here, and with it the failed batch's tensors
+                    torch.cuda.empty_cache()
+                    continue
                 for (p, j), frame in zip(batch, made, strict=True):
                     out[p * factor + j] = frame
+                done += len(batch)
         finally:
-            if self.offload:
+            if self.offloaded():
                 self.model.to("cpu")
         return out
 
+    def _frames(self, video: torch.Tensor, batch: list[tuple[int, int]], factor: int) -> np.ndarray:
+        """The new frames of `batch` ((pair, j): the frame at time j / factor after frame `pair`), (B, H, W, 3)."""
+        height, width = video.shape[2:]
+        pad = (0, -width % PAD_MULTIPLE, 0, -height % PAD_MULTIPLE)  # right and bottom, zeros: Practical-RIFE's
+        pairs = torch.tensor([p for p, _ in batch])
+        img0 = F.pad(video[pairs].to(self.device, self.dtype), pad)
+        img1 = F.pad(video[pairs + 1].to(self.device, self.dtype), pad)
+        t = torch.tensor([j / factor for _, j in batch], device=self.device)
+        made = self.model(img0, img1, t)[:, :, :height, :width].clamp(0, 1)
+        return made.permute(0, 2, 3, 1).float().cpu().numpy()
 
-def load_rife(*, offload: bool) -> tuple[Rife, dict[str, float]]:
-    """Fetch the IFNet weights named by $RIFE_WEIGHTS_URL into the weights cache (once) and load them strictly.
+
+def load_rife(*, offloaded: Callable[[], bool]) -> tuple[Rife, dict[str, float]]:
+    """Fetch the IFNet weights named by $RIFE_WEIGHTS_URL into the weights cache (once) and load them strictly;
+    ``offloaded``: whether the pipeline runs under CPU offload now (see Rife).
 
     Returns the interpolator and setup metrics (rife_download_s, rife_load_s). Every failure is one WeightsError
     sentence naming RIFE_WEIGHTS_URL.
@@ -274,7 +292,7 @@ def load_rife(*, offload: bool) -> tuple[Rife, dict[str, float]]:
     where = f"{VARIABLE} ({source.text})"
     try:
         pinned = hub_file(source, ".pth").source if source.repo and not path.is_file() else source
-        metrics = fetch_file(
+        metrics = cache_file(
             pinned,
             path,
             max_bytes=MAX_FILE_BYTES,
@@ -292,7 +310,7 @@ def load_rife(*, offload: bool) -> tuple[Rife, dict[str, float]]:
     except WeightsError:
         path.unlink(missing_ok=True)  # not kept: the source may serve the right file later
         raise
-    rife = Rife(model, offload=offload)
+    rife = Rife(model, offloaded=offloaded)
     timings = {"rife_download_s": metrics["download_s"], "rife_load_s": time.perf_counter() - start}
     timings["rife_load_s"] -= metrics["download_s"]
     logger.info("RIFE (IFNet v4.26 heavy) from %s on %s, %s", source.text, rife.device, rife.dtype)

@@ -36,7 +36,7 @@ class Predictor(BaseRunner):
         self.pipe, self.setup_timings = load_pipeline(CHECKPOINT, self.memory)
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
-        self.rife, rife_timings = load_rife(offload=self.pipe.device.type != "cuda")
+        self.rife, rife_timings = load_rife(offloaded=lambda: self.pipe.device.type != "cuda")
         self.setup_timings |= rife_timings
         start = time.perf_counter()
         self.generate(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import interpolation
 import tiny_weights
 from conftest import load_predictor, read_mp4, write_video
-from errors import InputError, WeightsError
+from errors import InputError, ServiceError, WeightsError
 from interpolation import IFNet, Rife
 
 # --- the module -------------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def moving(count: int, height: int, width: int, step: int = 2) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def rife(model: IFNet) -> Rife:
-    return Rife(model, offload=True)  # on the CPU offload changes nothing
+    return Rife(model, offloaded=lambda: False)
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
@@ -163,9 +163,8 @@ def test_new_frames_are_the_model_at_their_times(rife: Rife, model: IFNet) -> No
 
 def test_offloaded_rife_waits_on_the_cpu(model: IFNet, rife: Rife, monkeypatch: pytest.MonkeyPatch) -> None:
     """Offloaded (emulated: the CPU stands for the GPU), the model moves for the call and back, output unchanged."""
-    offloaded = Rife(IFNet(), offload=False)
+    offloaded = Rife(IFNet(), offloaded=lambda: True)
     offloaded.model.load_state_dict(model.state_dict())
-    offloaded.offload = True
     moves: list[str] = []
     original = offloaded.model.to
     monkeypatch.setattr(offloaded.model, "to", lambda *a, **k: moves.append(str(a[0])) or original(*a, **k))
@@ -173,6 +172,27 @@ def test_offloaded_rife_waits_on_the_cpu(model: IFNet, rife: Rife, monkeypatch: 
     np.testing.assert_array_equal(offloaded.interpolate(frames, 2), rife.interpolate(frames, 2))
     assert moves == ["cpu", "cpu"]  # to the device (here the CPU), then back to the CPU
     assert next(offloaded.model.parameters()).device.type == "cpu"
+
+
+def test_out_of_memory_halves_the_batch_then_fails_in_one_sentence(rife: Rife, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = moving(5, 32, 32)
+    expected = rife.interpolate(frames, 4)  # 12 new frames: batches of 8 and 4
+    sizes: list[int] = []
+    real = Rife._frames
+
+    def frames_or_oom(self: Rife, video: torch.Tensor, batch: list, factor: int) -> np.ndarray:
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, video, batch, factor)
+
+    monkeypatch.setattr(Rife, "_frames", frames_or_oom)
+    np.testing.assert_allclose(rife.interpolate(frames, 4), expected, atol=1e-5)
+    assert sizes[:3] == [8, 4, 2] and set(sizes[3:]) == {2}
+    monkeypatch.setattr(Rife, "_frames", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    with pytest.raises(ServiceError) as error:
+        rife.interpolate(frames, 2)
+    assert str(error.value) == "Out of GPU memory interpolating 32x32 frames: try a lower interpolation."
 
 
 def test_ssim() -> None:
@@ -241,7 +261,7 @@ class Touch:
 def load(monkeypatch: pytest.MonkeyPatch, cache: Path, url: str) -> Any:
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(cache))
     monkeypatch.setenv("RIFE_WEIGHTS_URL", url)
-    return interpolation.load_rife(offload=False)
+    return interpolation.load_rife(offloaded=lambda: False)
 
 
 def bad_file(tmp_path: Path, kind: str) -> bytes:
@@ -323,7 +343,7 @@ def test_default_source_is_checked_against_its_sha256(
     monkeypatch.setenv("WEIGHTS_CACHE_DIR", str(tmp_path))
     digest = hashlib.sha256((served_dir / "rife" / "RIFE_IFNet_v426_heavy.pth").read_bytes()).hexdigest()
     with pytest.raises(WeightsError) as error:
-        interpolation.load_rife(offload=False)
+        interpolation.load_rife(offloaded=lambda: False)
     assert str(error.value) == (
         f"The RIFE weights in RIFE_WEIGHTS_URL ({rife_url}) are not the published file: sha256 {digest}, "
         f"expected {interpolation.DEFAULT_SHA256}."
@@ -331,9 +351,9 @@ def test_default_source_is_checked_against_its_sha256(
     assert list((tmp_path / "rife").glob("*.pth")) == []  # deleted: the next setup fetches again
 
     monkeypatch.setattr(interpolation, "DEFAULT_SHA256", digest)
-    rife, timings = interpolation.load_rife(offload=False)
+    rife, timings = interpolation.load_rife(offloaded=lambda: False)
     assert timings["rife_download_s"] > 0 and isinstance(rife.model, IFNet)
-    _, again = interpolation.load_rife(offload=False)
+    _, again = interpolation.load_rife(offloaded=lambda: False)
     assert again["rife_download_s"] == 0.0  # fetched once, then from the cache
 
 
