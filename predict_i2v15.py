@@ -77,7 +77,12 @@ class Predictor(CogVideoXPredictor):
         scheduler: str = Input(
             description="Sampler.", choices=["cogvideox_dpm", "cogvideox_ddim"], default="cogvideox_dpm"
         ),
-        fps: int = Input(description="Frames per second of the output video.", ge=1, le=60, default=16),
+        fps: int = Input(
+            description="Frames per second of the generated frames; the video plays at fps x interpolation.",
+            ge=1,
+            le=60,
+            default=16,
+        ),
         interpolation: int = Input(
             description="Frame interpolation (RIFE): 1 is off; 2 or 4 put 1 or 3 new frames between each pair, so N frames become (N - 1) x k + 1, played at fps x k (60 at most).",  # noqa: E501
             choices=[1, 2, 4],

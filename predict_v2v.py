@@ -89,7 +89,7 @@ class Predictor(BaseRunner):
             default="first",
         ),
         fps: int | None = Input(
-            description="Frames per second of the output. Blank: the input's, adjusted for frame_sampling.",
+            description="Frames per second of the generated frames (the video plays at fps x interpolation). Blank: the input's, adjusted for frame_sampling.",  # noqa: E501
             ge=1,
             le=60,
             default=None,
