@@ -101,7 +101,7 @@ def reference_ifnet(sd: dict[str, torch.Tensor], img0: torch.Tensor, img1: torch
     return warp(img0, flow[:, :2]) * mask + warp(img1, flow[:, 2:]) * (1 - mask)
 
 
-@pytest.mark.parametrize(("height", "width", "t"), [(64, 64, 0.5), (128, 64, 0.25)])
+@pytest.mark.parametrize(("height", "width", "t"), [(128, 64, 0.25)])  # one case: each costs ~2 s
 def test_ifnet_equals_an_independent_reference(
     state: dict[str, torch.Tensor], model: IFNet, height: int, width: int, t: float
 ) -> None:
