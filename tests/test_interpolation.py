@@ -118,6 +118,35 @@ def test_ifnet_equals_an_independent_reference(
         torch.testing.assert_close(model(img0[:1], img1[:1], torch.full((1,), t)), ours[:1], atol=1e-5, rtol=1e-5)
 
 
+def test_warp_moves_by_the_flow_in_pixels() -> None:
+    """Backward warp: out(x, y) = image(x + flow_x, y + flow_y); zero flow is the identity."""
+    image = torch.rand(1, 3, 8, 10, generator=torch.Generator().manual_seed(0))
+    flow = torch.zeros(1, 2, 8, 10)
+    torch.testing.assert_close(interpolation.warp(image, flow), image, atol=1e-6, rtol=0)
+    flow[:, 0] = 1
+    torch.testing.assert_close(interpolation.warp(image, flow)[..., :-1], image[..., 1:], atol=1e-5, rtol=0)
+    flow[:, 0], flow[:, 1] = 0, 2
+    torch.testing.assert_close(interpolation.warp(image, flow)[..., :-2, :], image[..., 2:, :], atol=1e-5, rtol=0)
+
+
+def test_zero_flows_blend_the_frames_by_the_mask(state: dict[str, torch.Tensor]) -> None:
+    """With every block's output head zeroed the flows are zero and the mask logit 0: the frame is the average of
+    the two, at any time; a large mask bias on the last block selects frame 0."""
+    model = IFNet()
+    zeroed = {k.removeprefix("module."): v.clone() for k, v in state.items()}
+    for key in zeroed:
+        if ".lastconv." in key:
+            zeroed[key].zero_()
+    model.load_state_dict(zeroed)
+    img0, img1 = torch.rand(2, 1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for t in (0.0, 0.3, 1.0):
+            torch.testing.assert_close(model(img0, img1, torch.tensor([t])), (img0 + img1) / 2, atol=1e-5, rtol=0)
+        bias = model.block4.lastconv[0].bias
+        bias[16:20] = 30.0  # PixelShuffle(2): channels 16-19 become the mask (output channel 4)
+        torch.testing.assert_close(model(img0, img1, torch.tensor([0.5])), img0, atol=1e-5, rtol=0)
+
+
 # --- frame counts, positions, the rule --------------------------------------------------------------------------------
 
 
