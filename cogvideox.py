@@ -1,4 +1,4 @@
-"""What the CogVideoX predictors share: setup, samplers, LoRAs and the pipeline call.
+"""What the CogVideoX predictors share: setup, samplers, LoRAs, RIFE and the pipeline call.
 
 Each predictor (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, CogVideoX-5b) subclasses CogVideoXPredictor with its checkpoint
 and prompt length, and writes its own run(): the inputs differ (sizes, frame counts, modes), the generation does not.
@@ -16,6 +16,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 import cog_compat
 from errors import ServiceError
+from interpolation import load_rife
 from lora import Loras
 from memory import GpuMemory
 from pipelines import Checkpoint, load_pipeline
@@ -40,6 +41,8 @@ class CogVideoXPredictor(BaseRunner):
             for name, cls in SCHEDULERS.items()
         }
         self.loras = Loras(self.pipe, self.checkpoint.name)
+        self.rife, rife_timings = load_rife(offloaded=lambda: self.pipe.device.type != "cuda")  # frame interpolation
+        self.setup_timings |= rife_timings
 
     def warm_up(self, width: int, height: int, *, pipe: Any = None, **mode_inputs: Any) -> None:
         """One denoising step at setup, so the first prediction does not pay for the first kernels' start-up.

@@ -9,6 +9,7 @@ from PIL import Image
 
 from cogvideox import CogVideoXPredictor
 from inputs import resolve_seed, validate_inputs
+from interpolation import output_fps
 from media import fit_image, load_image, output_path, write_mp4
 from pipelines import Checkpoint
 from reporting import phase, record_setup_metrics
@@ -56,7 +57,17 @@ class Predictor(CogVideoXPredictor):
         scheduler: str = Input(
             description="Sampler.", choices=["cogvideox_dpm", "cogvideox_ddim"], default="cogvideox_dpm"
         ),
-        fps: int = Input(description="Frames per second of the output video.", ge=1, le=60, default=8),
+        fps: int = Input(
+            description="Frames per second of the generated frames; the video plays at fps x interpolation.",
+            ge=1,
+            le=60,
+            default=8,
+        ),
+        interpolation: int = Input(
+            description="Frame interpolation (RIFE): 1 is off; 2 or 4 put 1 or 3 new frames between each pair, so N frames become (N - 1) x k + 1, played at fps x k (60 at most).",  # noqa: E501
+            choices=[1, 2, 4],
+            default=2,
+        ),
         sizing_strategy: str = Input(
             description="Fitting another aspect ratio: center_crop (cover, crop), pad (fit, black bars) or stretch.",
             choices=["center_crop", "pad", "stretch"],
@@ -81,6 +92,7 @@ class Predictor(CogVideoXPredictor):
     ) -> Path:
         """Animate the image into a 720x480 H.264 MP4."""
         record_setup_metrics(self.setup_timings)
+        fps = output_fps(fps, interpolation)
         image = fit_image(load_image(image), self.width, self.height, sizing_strategy)
         seed = resolve_seed(seed)
         self.loras.use(lora_url, lora_scale)
@@ -101,5 +113,7 @@ class Predictor(CogVideoXPredictor):
                 scheduler=scheduler,
                 seed=seed,
             )
+        with phase("interpolation"):
+            frames = self.rife.interpolate(frames, interpolation)
         with phase("encode"):
             return write_mp4(frames, fps, output_path())

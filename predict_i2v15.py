@@ -10,6 +10,7 @@ from PIL import Image
 from cogvideox import CogVideoXPredictor
 from errors import InputError
 from inputs import resolve_seed, validate_inputs
+from interpolation import output_fps
 from media import fit_image, load_image, output_path, write_mp4
 from pipelines import Checkpoint
 from reporting import phase, record_setup_metrics
@@ -77,7 +78,17 @@ class Predictor(CogVideoXPredictor):
         scheduler: str = Input(
             description="Sampler.", choices=["cogvideox_dpm", "cogvideox_ddim"], default="cogvideox_dpm"
         ),
-        fps: int = Input(description="Frames per second of the output video.", ge=1, le=60, default=16),
+        fps: int = Input(
+            description="Frames per second of the generated frames; the video plays at fps x interpolation.",
+            ge=1,
+            le=60,
+            default=16,
+        ),
+        interpolation: int = Input(
+            description="Frame interpolation (RIFE): 1 is off; 2 or 4 put 1 or 3 new frames between each pair, so N frames become (N - 1) x k + 1, played at fps x k (60 at most).",  # noqa: E501
+            choices=[1, 2, 4],
+            default=1,
+        ),
         sizing_strategy: str = Input(
             description="Fitting another aspect ratio: center_crop (cover, crop), pad (fit, black bars) or stretch.",
             choices=["center_crop", "pad", "stretch"],
@@ -102,6 +113,7 @@ class Predictor(CogVideoXPredictor):
     ) -> Path:
         """Animate the image into an H.264 MP4 with a short side of 768 px."""
         record_setup_metrics(self.setup_timings)
+        fps = output_fps(fps, interpolation)
         image = load_image(image)
         width, height = output_size(image, aspect_ratio, width, height)
         image = fit_image(image, width, height, sizing_strategy)
@@ -124,6 +136,8 @@ class Predictor(CogVideoXPredictor):
                 scheduler=scheduler,
                 seed=seed,
             )
+        with phase("interpolation"):
+            frames = self.rife.interpolate(frames, interpolation)
         with phase("encode"):
             return write_mp4(frames, fps, output_path())
 

@@ -11,6 +11,7 @@ from PIL import Image
 from cogvideox import CogVideoXPredictor
 from errors import InputError
 from inputs import resolve_seed, validate_inputs
+from interpolation import output_fps
 from media import fit_image, output_path, read_video, write_mp4
 from pipelines import Checkpoint
 from reporting import phase, record_setup_metrics
@@ -77,7 +78,17 @@ class Predictor(CogVideoXPredictor):
         scheduler: str = Input(
             description="Sampler.", choices=["cogvideox_dpm", "cogvideox_ddim"], default="cogvideox_dpm"
         ),
-        fps: int = Input(description="Frames per second of the output video.", ge=1, le=60, default=8),
+        fps: int = Input(
+            description="Frames per second of the generated frames; the video plays at fps x interpolation.",
+            ge=1,
+            le=60,
+            default=8,
+        ),
+        interpolation: int = Input(
+            description="Frame interpolation (RIFE): 1 is off; 2 or 4 put 1 or 3 new frames between each pair, so N frames become (N - 1) x k + 1, played at fps x k (60 at most).",  # noqa: E501
+            choices=[1, 2, 4],
+            default=2,
+        ),
         sizing_strategy: str = Input(
             description="Fitting another aspect ratio: center_crop (cover, crop), pad (fit, black bars) or stretch.",
             choices=["center_crop", "pad", "stretch"],
@@ -102,6 +113,7 @@ class Predictor(CogVideoXPredictor):
     ) -> Path:
         """Generate a 720x480 H.264 MP4 from the prompt, or from the prompt and a video."""
         record_setup_metrics(self.setup_timings)
+        fps = output_fps(fps, interpolation)
         if video is None:
             pipe, mode_inputs = self.pipe, {"num_frames": num_frames}
         else:
@@ -138,6 +150,8 @@ class Predictor(CogVideoXPredictor):
                 seed=seed,
                 **mode_inputs,
             )
+        with phase("interpolation"):
+            output = self.rife.interpolate(output, interpolation)
         with phase("encode"):
             return write_mp4(output, fps, output_path())
 

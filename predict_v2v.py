@@ -13,6 +13,7 @@ from PIL import Image
 import cog_compat
 from errors import InputError, ServiceError
 from inputs import resolve_seed, validate_inputs
+from interpolation import load_rife, output_fps
 from media import fit_image, output_path, read_video, write_mp4
 from memory import GpuMemory
 from pipelines import Checkpoint, load_pipeline
@@ -35,6 +36,8 @@ class Predictor(BaseRunner):
         self.pipe, self.setup_timings = load_pipeline(CHECKPOINT, self.memory)
         # As the model card's diffusers example.
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
+        self.rife, rife_timings = load_rife(offloaded=lambda: self.pipe.device.type != "cuda")
+        self.setup_timings |= rife_timings
         start = time.perf_counter()
         self.generate(
             frames=[Image.new("RGB", (64, 64))] * 2,
@@ -86,10 +89,15 @@ class Predictor(BaseRunner):
             default="first",
         ),
         fps: int | None = Input(
-            description="Frames per second of the output. Blank: the input's, adjusted for frame_sampling.",
+            description="Frames per second of the generated frames (the video plays at fps x interpolation). Blank: the input's, adjusted for frame_sampling.",  # noqa: E501
             ge=1,
             le=60,
             default=None,
+        ),
+        interpolation: int = Input(
+            description="Frame interpolation (RIFE): 1 is off; 2 or 4 put 1 or 3 new frames between each pair, so N frames become (N - 1) x k + 1, played at fps x k (60 at most).",  # noqa: E501
+            choices=[1, 2, 4],
+            default=1,
         ),
         seed: int | None = Input(
             description="Random seed (0 to 4294967295). Blank for a random one; the seed used is logged.",
@@ -111,6 +119,7 @@ class Predictor(BaseRunner):
         with phase("decode"):
             frames, input_fps = read_video(video, max_frames, frame_sampling)
             frames = [fit_image(frame, width, height, sizing_strategy) for frame in frames]
+        fps = output_fps(fps or input_fps, interpolation, from_input=fps is None)
         seed = resolve_seed(seed)
         fits = self.memory.fit(width=width, height=height, frames=len(frames), guidance_scale=guidance_scale)
         with phase("inference"), fits:
@@ -123,8 +132,10 @@ class Predictor(BaseRunner):
                 guidance_scale=guidance_scale,
                 seed=seed,
             )
+        with phase("interpolation"):
+            output = self.rife.interpolate(output, interpolation)
         with phase("encode"):
-            return write_mp4(output, fps or input_fps, output_path())
+            return write_mp4(output, fps, output_path())
 
     def generate(
         self,

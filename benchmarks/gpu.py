@@ -15,6 +15,10 @@ download), and times the predictor's own run() under each configuration, in this
              hub's DDIM sampler (t2v) or CogVideoXDPMScheduler (t2v-v2v, strength 0.8)
   project    what setup() and run() do: memory.GpuMemory places the pipeline (resident on a GPU with room) and
              picks the VAE's savers per call from the memory model; speed_up() fuses QKV where it places resident
+  rife       project + RIFE frame interpolation x2 (interpolation=2): i2v 49 -> 97 frames at 720x480 (its default),
+             i2v15 161 -> 321 frames at 1360x768, v2v 24 -> 47 frames at 1024x576; reports RIFE's seconds and
+             its share of the prediction (also extrapolated to the default steps). RIFE's weights are random in the
+             published layout (interpolation.py's IFNet v4.26 heavy at its real widths), served from 127.0.0.1
   lora       project + a rank-64 LoRA on to_q/to_k/to_v/to_out.0 (random, built with peft, served from 127.0.0.1),
              activated by the predictor's Loras and run() (CogVideoX only): changes the output by design
   fbc        project + FirstBlockCache(threshold 0.05) on the CogVideoX transformer: LOSSY (CogVideoX only)
@@ -59,6 +63,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,13 +94,14 @@ from pipelines import Checkpoint, denoiser, speed_up  # noqa: E402
 START = time.perf_counter()
 SEED = 42
 PROMPT = "a golden retriever running on a beach at sunset, waves rolling in, cinematic, high quality"
-CONFIGS = ["reference", "project", "lora", "fbc", "compile", "setup"]
+CONFIGS = ["reference", "project", "rife", "lora", "fbc", "compile", "setup"]
 FBC_THRESHOLD = 0.05
 LORA_RANK = 64
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LABELS = {
     "reference": "reference (model card: CPU offload + VAE tiling/slicing)",
     "project": "project (memory.GpuMemory placement + speed_up: resident, fused QKV where it fits)",
+    "rife": "project + RIFE x2 frame interpolation (interpolation=2; lossless for the generated frames)",
     "lora": f"project + rank-{LORA_RANK} LoRA (not lossless: changes the output by design)",
     "fbc": f"project + FirstBlockCache {FBC_THRESHOLD} (LOSSY)",
     "compile": "project + per-block torch.compile",
@@ -122,29 +128,38 @@ class Model:
     media: str | None = "image"  # the file run() is given: "image", "video" or none (text-to-video)
     pipe_attr: str = "pipe"  # the predictor's pipeline that run() calls (t2v-v2v: the one on the same components)
     reference_offload: bool = True  # the reference offloads to the CPU (else: resident, as diffusers' examples)
+    rife_inputs: dict[str, Any] = field(default_factory=lambda: {"interpolation": 2})  # the rife configuration's
+    smoke_rife_inputs: dict[str, Any] = field(default_factory=lambda: {"interpolation": 2})  # the same with --smoke
 
 
 MODELS = {
-    "i2v": Model("predict_i2v", ("tiling",), {}, {"num_frames": 9, "num_inference_steps": 2}),
+    "i2v": Model("predict_i2v", ("tiling",), {}, {"num_frames": 9, "num_inference_steps": 2, "interpolation": 1}),
     "i2v15": Model(
         "predict_i2v15",
         ("tiling", "slicing"),
         {"aspect_ratio": "16:9"},
-        {"aspect_ratio": "16:9", "num_frames": 17, "num_inference_steps": 2},
+        {"aspect_ratio": "16:9", "num_frames": 17, "num_inference_steps": 2, "interpolation": 1},
         {"SHORT_SIDE": 48},  # the tiny VAE decodes 17 frames at 768x768 in ~10 s on one core (CPU conv3d)
+        {"num_frames": 161, "interpolation": 2},  # 321 frames at 1360x768 (smoke: 17 -> 33)
     ),
     "v2v": Model(
         "predict_v2v",
         ("slicing",),
         {},
-        {"width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 4},
+        {"width": 64, "height": 64, "max_frames": 4, "num_inference_steps": 4, "interpolation": 1},
         media="video",
     ),
     "t2v": Model(  # diffusers' CogVideoXPipeline example: the hub's sampler (DDIM), guidance 6, no dynamic CFG
         "predict_t2v",
         (),
         {"scheduler": "cogvideox_ddim", "use_dynamic_cfg": False},
-        {"scheduler": "cogvideox_ddim", "use_dynamic_cfg": False, "num_frames": 9, "num_inference_steps": 2},
+        {
+            "scheduler": "cogvideox_ddim",
+            "use_dynamic_cfg": False,
+            "num_frames": 9,
+            "num_inference_steps": 2,
+            "interpolation": 1,
+        },
         media=None,
         reference_offload=False,
     ),
@@ -152,7 +167,7 @@ MODELS = {
         "predict_t2v",
         (),
         {"use_dynamic_cfg": False},
-        {"use_dynamic_cfg": False, "num_frames": 9, "num_inference_steps": 3},  # 3 x 0.8: 2 steps run
+        {"use_dynamic_cfg": False, "num_frames": 9, "num_inference_steps": 3, "interpolation": 1},  # 3 x 0.8: 2 run
         media="video",
         pipe_attr="v2v",
         reference_offload=False,
@@ -423,14 +438,15 @@ def sync() -> None:
 class Probe:
     """Times a pipeline call's phases and keeps its final latents, without changing what it computes."""
 
-    def __init__(self, pipe: Any) -> None:
-        self.pipe, self.denoiser = pipe, denoiser(pipe)
+    def __init__(self, pipe: Any, rife: Any = None) -> None:
+        self.pipe, self.denoiser, self.rife = pipe, denoiser(pipe), rife
         self.cuda = torch.cuda.is_available()
         self.forward_inputs: tuple | None = None  # (args, kwargs) of one denoiser forward, for the FLOP count
         self.reset()
 
     def reset(self) -> None:
-        self.phases = {"text_encode_s": 0.0, "vae_encode_s": 0.0, "vae_decode_s": 0.0}
+        self.phases = {"text_encode_s": 0.0, "vae_encode_s": 0.0, "vae_decode_s": 0.0, "interpolation_s": 0.0}
+        self.frames_out: int | None = None  # what interpolation returned
         self.peaks: dict[str, float] = {}  # phase -> peak bytes allocated while it ran (CUDA)
         self.marks: list[list[Any]] = []  # [start, end] of each denoiser forward
         self.latents: torch.Tensor | None = None
@@ -469,6 +485,20 @@ class Probe:
 
         return wrapper
 
+    def _interpolate(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """RIFE's interpolate(frames, factor), timed when it makes frames (factor > 1)."""
+        timed = self._timed("interpolation_s", fn)
+
+        @functools.wraps(fn)
+        def wrapper(frames: Any, factor: int) -> Any:
+            if factor == 1:
+                return fn(frames, factor)
+            out = timed(frames, factor)
+            self.frames_out = len(out)
+            return out
+
+        return wrapper
+
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self.forward_inputs is None:
             self.forward_inputs = (args, kwargs)
@@ -483,6 +513,8 @@ class Probe:
         self.pipe.encode_prompt = self._timed("text_encode_s", self.pipe.encode_prompt)
         self.pipe.vae.encode = self._timed("vae_encode_s", self.pipe.vae.encode)
         self.pipe.decode_latents = self._timed("vae_decode_s", self.pipe.decode_latents, keep=True)
+        if self.rife is not None:
+            self.rife.interpolate = self._interpolate(self.rife.interpolate)
         self.hooks = [
             self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.denoiser.register_forward_hook(self._post),
@@ -493,6 +525,8 @@ class Probe:
         for hook in self.hooks:
             hook.remove()
         del self.pipe.encode_prompt, self.pipe.vae.encode, self.pipe.decode_latents
+        if self.rife is not None:
+            del self.rife.interpolate
 
     def forward_seconds(self) -> tuple[float, list[float]]:
         """(first forward's start to last forward's end, each forward's own time), in seconds."""
@@ -575,6 +609,7 @@ def one_run(run: Callable[[], Any], probe: Probe) -> dict[str, Any]:
         "forwards": len(spans),
         "forward_median_s": statistics.median(spans),
         **probe.phases,
+        "frames_out": probe.frames_out,
         "peak_gpu_mem_gib": max(probe.peaks.get("run", 0), torch.cuda.max_memory_allocated()) / 2**30
         if probe.cuda
         else None,
@@ -624,6 +659,7 @@ class Bench:
     workdir: Path
     inputs: dict[str, Any]
     server: Any = None  # serves the LoRA files (lora configuration)
+    saved_inputs: dict[str, Any] = field(default_factory=dict)  # run()'s inputs before the rife configuration
 
     @property
     def pipe(self) -> Any:
@@ -664,6 +700,12 @@ def configure(name: str, bench: Bench) -> dict[str, Any]:
         speed_up(denoiser(pipe), fuse=gpu.fused)
         gpu.after_fusing()
         return {"placement": chosen.placement if chosen else "cpu", "vae": vae_savers(pipe)}
+    if name == "rife":
+        spec = MODELS[bench.model]
+        inputs = spec.smoke_rife_inputs if bench.device == "cpu" else spec.rife_inputs  # CPU: --smoke
+        bench.saved_inputs = dict(bench.inputs)
+        bench.inputs.update(inputs)
+        return {"rife_inputs": inputs}
     if name == "lora":
         return configure_lora(bench)
     if name == "fbc":
@@ -727,6 +769,9 @@ def configure_lora(bench: Bench) -> dict[str, Any]:
 
 
 def unconfigure(name: str, bench: Bench) -> None:
+    if name == "rife":
+        bench.inputs.clear()
+        bench.inputs.update(bench.saved_inputs)
     if name == "lora":
         bench.predictor.loras.use("", 0)  # back to the fused processors
         bench.pipe.unload_lora_weights()  # and to the plain layers, for the configurations after this one
@@ -759,11 +804,16 @@ def summarise(runs: list[dict], flops: int | None, executed_steps: int, default_
     summary["step_s"] = summary["denoise_s"] / executed_steps
     summary["tflops"] = flops * summary["forwards"] / summary["denoise_s"] / 1e12 if flops else None
     summary["e2e_s_at_default_steps"] = summary["e2e_s"] + (default_steps - executed_steps) * summary["step_s"]
+    if summary.get("interpolation_s"):  # RIFE's share of the prediction, as run and at the default steps
+        summary["interpolation_share"] = summary["interpolation_s"] / summary["e2e_s"]
+        summary["interpolation_share_at_default_steps"] = summary["interpolation_s"] / summary["e2e_s_at_default_steps"]
     return summary
 
 
 def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
-    return None if a is None or b is None else (a - b).abs().max().item()
+    if a is None or b is None or a.shape != b.shape:  # none, or another frame count (i2v15's rife configuration)
+        return None
+    return (a - b).abs().max().item()
 
 
 class Budget:
@@ -801,6 +851,7 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
     if args.smoke:
         for constant, value in MODELS[model].smoke_constants.items():
             setattr(module_of(model), constant, value)
+    os.environ["WEIGHTS_CACHE_DIR"] = str(workdir / "cache")  # RIFE's weights (and the LoRAs) go there
     predictor = make_predictor(model, pipe)
     bench = Bench(
         model, predictor, device, workdir, run_inputs(model, args.smoke, args.steps, *write_inputs(workdir, args.smoke))
@@ -814,7 +865,7 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
         "executed_steps": executed,
         "repeats": args.repeats,
     }
-    probe = Probe(bench.called)
+    probe = Probe(bench.called, predictor.rife)
     reference: dict[str, Any] = {}
     last_run_s = 0.0
     budget = Budget(args.budget_s)
@@ -861,6 +912,9 @@ def bench_configs(model: str, args: argparse.Namespace, result: dict, save: Call
             entry["latents_max_abs_diff"] = max_abs_diff(reference["latents"], probe.latents)
             entry["video_max_abs_diff"] = max_abs_diff(reference["video"], probe.video)
             entry["speedup_vs_reference"] = reference["e2e_s"] / entry["e2e_s"]
+            if name == "rife":
+                frames, height, width = probe.video.shape[-3:]
+                entry.update(frames_in=frames, height=height, width=width)
             entry["step_speedup_vs_reference"] = reference["step_s"] / entry["step_s"]
             if name == "reference":
                 result["reference_latents_max_abs"] = probe.latents.abs().max().item()
@@ -984,6 +1038,12 @@ def markdown(report: dict) -> str:
             )
         if ratio := result.get("reference_over_project"):
             notes.append(f"{model} reference / project: e2e {ratio['e2e']:.2f}x, per step {ratio['step']:.2f}x")
+        if "interpolation_share" in (rife := result["configs"].get("rife", {})):
+            notes.append(
+                f"{model} RIFE x2: {rife['frames_in']} -> {rife['frames_out']} frames at {rife['width']}x"
+                f"{rife['height']} in {rife['interpolation_s']:.2f} s, {rife['interpolation_share']:.1%} of the "
+                f"prediction ({rife['interpolation_share_at_default_steps']:.1%} at the default steps)"
+            )
         if "step_s_over_project" in (lora := result["configs"].get("lora", {})):
             notes.append(
                 f"{model} project + LoRA / project: per step {lora['step_s_over_project']:.2f}x, e2e "
@@ -1002,7 +1062,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs",
         default=None,
         help=f"comma-separated, of {','.join(CONFIGS)} (default: "
-        "reference,project,lora,setup; smoke: reference,project,lora,fbc,setup)",
+        "reference,project,rife,lora,setup; smoke: reference,project,rife,lora,fbc,setup)",
     )
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs past this (default 540)")
     parser.add_argument("--json", type=Path, help="write the results here (after each configuration)")
@@ -1011,7 +1071,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.configs = args.configs or (
-        "reference,project,lora,fbc,setup" if args.smoke else "reference,project,lora,setup"
+        "reference,project,rife,lora,fbc,setup" if args.smoke else "reference,project,rife,lora,setup"
     )
     args.configs = args.configs.split(",")
     if unknown := set(args.configs) - set(CONFIGS):
@@ -1047,6 +1107,8 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(json.dumps(public, indent=2, default=str))
             tmp.replace(args.json)
 
+    rife_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-rife-", dir=args.workdir))
+    rife_server = serve_rife(rife_dir)
     print(HEADER, flush=True)
     for model in list(MODELS) if args.model in ("all", "both") else [args.model]:
         with tempfile.TemporaryDirectory(prefix=f"gpu-bench-{model}-", dir=args.workdir) as workdir:
@@ -1062,9 +1124,20 @@ def main(argv: list[str] | None = None) -> dict:
                     result["setup"]["skipped"] = "time budget"
                 save()
             result.pop("_workdir")
+    rife_server.shutdown()
+    shutil.rmtree(rife_dir, ignore_errors=True)
     print("\n" + markdown(report), flush=True)
     save()
     return report
+
+
+def serve_rife(folder: Path) -> Any:
+    """Random RIFE weights in the published layout, served from 127.0.0.1 as RIFE_WEIGHTS_URL (setup() fetches them
+    into each model's cache, as in production)."""
+    tiny_weights.build_rife(folder / "rife.pth")
+    server = serve_directory(folder)
+    os.environ["RIFE_WEIGHTS_URL"] = f"http://127.0.0.1:{server.server_port}/rife.pth"
+    return server
 
 
 if __name__ == "__main__":

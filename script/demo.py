@@ -3,8 +3,9 @@
 On a machine with CUDA, uses the real CogVideoX-5b-I2V weights when their source answers (COGVIDEOX_I2V_WEIGHTS_URL:
 a tar URL or hf://THUDM/CogVideoX-5b-I2V; ~20 GB to download). Without CUDA it never fetches them unless asked with
 --real-weights (the 5B model then runs in float32 on the CPU: ~41 GB of RAM, hours): by default it builds tiny random
-weights of the real architecture offline (720x480 output, noise-like content) and serves them from 127.0.0.1. Either
-way the predictor, setup() and the server are the production ones.
+weights of the real architecture offline (720x480 output, noise-like content) and serves them from 127.0.0.1;
+likewise random RIFE weights when RIFE_WEIGHTS_URL's source does not answer. Either way the predictor, setup() and
+the server are the production ones.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import interpolation  # noqa: E402
 import predict_i2v  # noqa: E402
 import tiny_weights  # noqa: E402
 from harness import CogServer, data_url, serve_directory  # noqa: E402
@@ -82,6 +84,12 @@ def main() -> None:
         tiny_weights.make_tar(tiny_weights.build_i2v(work / "tiny", 60, 90), work / "served" / "i2v.tar")
         static = serve_directory(work / "served")
         url, steps = f"http://127.0.0.1:{static.server_port}/i2v.tar", args.steps or 2
+    rife_url = os.environ.get(interpolation.VARIABLE) or interpolation.DEFAULT_SOURCE
+    if not reachable(rife_url):
+        log.info("RIFE weights unreachable (%s): random ones in the published layout", rife_url)
+        tiny_weights.build_rife(work / "served" / "rife.pth")
+        static = static or serve_directory(work / "served")
+        os.environ[interpolation.VARIABLE] = f"http://127.0.0.1:{static.server_port}/rife.pth"  # the server inherits
 
     image = args.image or work / "input.png"
     if not args.image:

@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import ffmpeg, gradient_frames, rotate_video, write_video
 
 # The valid request every case starts from (tiny models: i2v makes 64x96 frames).
-I2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 1, "fps": 8, "seed": 1}
+# interpolation 1 (the model's default is 2): the corpus's frame counts and fps bounds are those of the generation.
+I2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 1, "fps": 8, "interpolation": 1, "seed": 1}
 V2V_BASE = {
     "prompt": "a boat",
     "width": 64,
@@ -178,10 +179,11 @@ def i2v_cases() -> list[Case]:
             ("seed", [0, 2**32 - 1], [-1, 2**32, 2**64], "must be >= 0 and <= 4294967295"),
             ("scheduler", ["cogvideox_ddim"], ["euler", ""], "must be one of cogvideox_dpm, cogvideox_ddim"),
             ("sizing_strategy", ["stretch"], ["fit"], "must be one of center_crop, pad, stretch"),
+            ("interpolation", [2, 4], [0, 3, 8], "must be one of 1, 2, 4"),
         ],
         ok,
-        expected_frames={"num_frames": lambda v: v},
-        expected_fps={"fps": lambda v: v},
+        expected_frames={"num_frames": lambda v: v, "interpolation": lambda v: 8 * v + 1},
+        expected_fps={"fps": lambda v: v, "interpolation": lambda v: 8 * v},
     )
     cases += type_cases(
         {
@@ -200,6 +202,11 @@ def i2v_cases() -> list[Case]:
         Case("steps as a whole float", {"num_inference_steps": 2.0}, **ok),
         Case("long prompt", {"prompt": "a boat on a lake " * 5000}, **ok),
         Case("odd characters in prompt", {"prompt": "bo\x00at \u202e \U0001f6a4", "negative_prompt": "\n"}, **ok),
+        Case(
+            "fps x interpolation over 60",
+            {"fps": 16, "interpolation": 4},
+            error="Invalid inputs `fps` and `interpolation`: 16 fps x 4 is 64 fps, over 60: lower fps or",
+        ),
         Case("unknown input", {"num_frame": 9}, error="Unknown input `num_frame`: allowed inputs are image, prompt"),
     ]
     return cases
@@ -232,6 +239,11 @@ def v2v_cases() -> list[Case]:
             error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1",
         ),
         Case(
+            "the input's fps x interpolation over 60",
+            {"video": "one_frame.mp4", "interpolation": 4},  # 24 fps
+            error="Invalid inputs `fps` and `interpolation`: the input's 24 fps (fps is blank) x 4 is 96 fps, over 60",
+        ),
+        Case(
             "strength 0",
             {"strength": 0.0},
             error="Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1",
@@ -248,10 +260,11 @@ def v2v_cases() -> list[Case]:
             ("fps", [1, 60], [0, 61], "must be >= 1 and <= 60"),
             ("seed", [4294967295], [-5, 2**40], "must be >= 0 and <= 4294967295"),
             ("frame_sampling", ["even"], ["last"], "must be one of first, even"),
+            ("interpolation", [2, 4], [3], "must be one of 1, 2, 4"),
         ],
         {"frames": 4, "fps": 12},
-        expected_frames={"max_frames": lambda v: min(v, 12)},
-        expected_fps={"fps": lambda v: v, "frame_sampling": lambda v: 4},  # even: 4 frames over the 1 s clip
+        expected_frames={"max_frames": lambda v: min(v, 12), "interpolation": lambda v: 3 * v + 1},
+        expected_fps={"fps": lambda v: v, "frame_sampling": lambda v: 4, "interpolation": lambda v: 12 * v},
         expected_size={"width": lambda v: (64, v), "height": lambda v: (v, 64)},
         cheap={"num_inference_steps": {"strength": 0.01}, "width": {"max_frames": 1}, "height": {"max_frames": 1}},
     )

@@ -58,8 +58,18 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def weights_urls(weights_server: str, served_dir: Path, tiny_folders: dict[str, Path]) -> dict[str, str]:
-    """The tiny models tarred and served from 127.0.0.1: {model: url}."""
+def rife_url(weights_server: str, served_dir: Path) -> str:
+    """Random RIFE weights in the published layout, served from 127.0.0.1 and named by RIFE_WEIGHTS_URL for every
+    predictor set up in this session (in process and in the Cog servers, which inherit the environment)."""
+    tiny_weights.build_rife(served_dir / "rife" / "RIFE_IFNet_v426_heavy.pth")
+    url = f"{weights_server}/rife/RIFE_IFNet_v426_heavy.pth"
+    os.environ["RIFE_WEIGHTS_URL"] = url
+    return url
+
+
+@pytest.fixture(scope="session")
+def weights_urls(weights_server: str, served_dir: Path, tiny_folders: dict[str, Path], rife_url: str) -> dict[str, str]:
+    """The tiny models tarred and served from 127.0.0.1: {model: url}. RIFE_WEIGHTS_URL is set too (rife_url)."""
     for model, folder in tiny_folders.items():
         tiny_weights.make_tar(folder, served_dir / f"{model}.tar")
     return {model: f"{weights_server}/{model}.tar" for model in tiny_folders}

@@ -9,6 +9,7 @@ Magic prompts:
                 mid-step), so the test can check that phase() turns it into a clear error and frees the memory.
   STALL_TEXT    text encoding never ends (until the prediction is cancelled).
   STALL_DENOISE the denoiser's first call never ends (until cancelled): the text is encoded, the latents made.
+  STALL_INTERPOLATE  RIFE's first batch never ends (until cancelled): the frames are generated, the model placed.
   STALL_ENCODE  the video encoder is fed one frame, then never gets the rest (until cancelled): ffmpeg is running
                 and the output file is half-written when the cancellation arrives.
 Each stall first prints "stalled in <where>" so a test can wait for that line in the prediction's logs.
@@ -35,6 +36,7 @@ from pipelines import denoiser  # noqa: E402
 OOM = "__oom__"
 STALL_TEXT = "__stall_text_encoding__"
 STALL_DENOISE = "__stall_denoising__"
+STALL_INTERPOLATE = "__stall_interpolation__"
 STALL_ENCODE = "__stall_video_encoding__"
 OOM_ALLOCATION_BYTES = 512 * 2**20
 
@@ -74,7 +76,16 @@ class FaultsMixin:
                 return super().generate(prompt=prompt, **settings)  # type: ignore[misc]
             finally:
                 handle.remove()
-        frames = super().generate(prompt="" if prompt == STALL_ENCODE else prompt, **settings)  # type: ignore[misc]
+        if prompt == STALL_INTERPOLATE:  # the next IFNet call stalls, once: interpolation runs after generate()
+            rife: Any = self.rife  # type: ignore[attr-defined]
+
+            def stall_once(module: Any, args: Any) -> None:
+                handle.remove()
+                stall("interpolation")
+
+            handle = rife.model.register_forward_pre_hook(stall_once)
+        magic = (STALL_ENCODE, STALL_INTERPOLATE)
+        frames = super().generate(prompt="" if prompt in magic else prompt, **settings)  # type: ignore[misc]
         return frames.view(StallingFrames) if prompt == STALL_ENCODE else frames
 
 

@@ -58,9 +58,9 @@ def test_report_structure(smoke: dict) -> None:
     report = smoke["report"]
     assert set(report) == {"meta", *MODELS}
     assert report["meta"]["smoke"] is True and report["meta"]["device"] == "cpu"
-    assert report["meta"]["configs"] == ["reference", "project", "lora", "fbc", "setup"]
+    assert report["meta"]["configs"] == ["reference", "project", "rife", "lora", "fbc", "setup"]
     for model in MODELS:
-        assert list(report[model]["configs"]) == ["reference", "project", "lora", "fbc"]
+        assert list(report[model]["configs"]) == ["reference", "project", "rife", "lora", "fbc"]
         assert all(count > 0 for count in report[model]["params"].values())
 
 
@@ -144,6 +144,20 @@ def test_lora_configuration(smoke: dict, model: str) -> None:
     assert lora["latents_repeat_max_abs_diff"] < 1e-6
     # Unloaded after its configuration: the next one (FirstBlockCache) runs without it again.
     assert configs["fbc"]["latents_max_abs_diff"] < lora["latents_max_abs_diff"] / 10
+
+
+@pytest.mark.parametrize(("model", "frames"), [("i2v", 9), ("i2v15", 17), ("v2v", 4)])
+def test_rife_configuration_reports_its_share(smoke: dict, model: str, frames: int) -> None:
+    """RIFE x2 after the generation: its seconds and share of the prediction, the generation itself unchanged."""
+    configs = smoke["report"][model]["configs"]
+    rife = configs["rife"]
+    assert "error" not in rife, rife.get("error")
+    assert (rife["frames_in"], rife["frames_out"]) == (frames, 2 * frames - 1)
+    assert positive(rife["interpolation_s"]) and 0 < rife["interpolation_share"] < 1
+    assert rife["interpolation_share_at_default_steps"] < rife["interpolation_share"]  # more steps: a smaller share
+    assert configs["project"]["interpolation_s"] == 0.0 and "interpolation_share" not in configs["project"]
+    assert rife["latents_max_abs_diff"] < 1e-3  # the same generation as the project's
+    assert f"{model} RIFE x2: {frames} -> {2 * frames - 1} frames" in smoke["stdout"]
 
 
 def test_lossy_mode_is_labelled_and_only_where_supported(smoke: dict) -> None:

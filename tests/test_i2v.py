@@ -60,7 +60,9 @@ def test_output_equals_the_pipeline_called_directly(i2v: Any, image_file: Path, 
         guidance_scale=6.0,
         use_dynamic_cfg=True,
     )
-    output = i2v.run(image=image_file, seed=42, scheduler=scheduler, sizing_strategy="stretch", fps=8, **settings)
+    output = i2v.run(
+        image=image_file, seed=42, scheduler=scheduler, sizing_strategy="stretch", fps=8, interpolation=1, **settings
+    )
 
     # The predictor's stretch resizes with LANCZOS: the same input, so frames equal to the last bit.
     image = Image.open(image_file).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)
@@ -90,12 +92,15 @@ def test_same_seed_same_video_other_seed_other_video(i2v: Any, image_file: Path)
     assert np.abs(first - other).mean() > 1 / 255
 
 
-@pytest.mark.parametrize("num_frames", [9, 49])
-def test_frame_count_fps_and_size(i2v: Any, image_file: Path, num_frames: int) -> None:
-    output = i2v.run(image=image_file, num_frames=num_frames, num_inference_steps=1, fps=12, seed=0)
+@pytest.mark.parametrize(("num_frames", "interpolation"), [(9, 1), (49, 1), (17, 2), (9, 4)])
+def test_frame_count_fps_and_size(i2v: Any, image_file: Path, num_frames: int, interpolation: int) -> None:
+    """N frames become (N - 1) x k + 1 at fps x k: the clip keeps its duration."""
+    output = i2v.run(
+        image=image_file, num_frames=num_frames, num_inference_steps=1, fps=12, interpolation=interpolation, seed=0
+    )
     meta, frames = read_mp4(output)
-    assert frames.shape == (num_frames, 64, 96, 3)
-    assert meta["fps"] == 12 and meta["codec"] == "h264"
+    assert frames.shape == ((num_frames - 1) * interpolation + 1, 64, 96, 3)
+    assert meta["fps"] == 12 * interpolation and meta["codec"] == "h264"
 
 
 @pytest.mark.parametrize(
@@ -106,6 +111,8 @@ def test_frame_count_fps_and_size(i2v: Any, image_file: Path, num_frames: int) -
         ({"guidance_scale": 0.5}, "Invalid input `guidance_scale`: must be >= 1.0 and <= 20.0 (got 0.5)."),
         ({"scheduler": "euler"}, "Invalid input `scheduler`: must be one of cogvideox_dpm, cogvideox_ddim"),
         ({"fps": 0}, "Invalid input `fps`: must be >= 1 and <= 60 (got 0)."),
+        ({"interpolation": 3}, "Invalid input `interpolation`: must be one of 1, 2, 4 (got 3)."),
+        ({"fps": 31}, "Invalid inputs `fps` and `interpolation`: 31 fps x 2 is 62 fps, over 60: lower fps or "),
     ],
 )
 def test_out_of_range_inputs_are_rejected(i2v: Any, image_file: Path, inputs: dict, message: str) -> None:
@@ -118,7 +125,8 @@ def test_real_resolution_720x480(weights_urls: dict[str, str], tmp_path: Path, i
     """At the real model's sample size (60x90 latents) the output is 720x480 (frame counts: the test above)."""
     predictor = load_predictor("i2v", weights_urls["i2v-480p"], tmp_path / "cache")
     assert (predictor.width, predictor.height) == (720, 480)
-    meta, frames = read_mp4(predictor.run(image=image_file, num_frames=9, num_inference_steps=1, fps=8, seed=3))
+    output = predictor.run(image=image_file, num_frames=9, num_inference_steps=1, fps=8, interpolation=1, seed=3)
+    meta, frames = read_mp4(output)
     assert frames.shape == (9, 480, 720, 3)
     assert meta["fps"] == 8 and meta["size"] == (720, 480)
 
@@ -134,10 +142,13 @@ def test_server_predicts_fails_cleanly_and_recovers(cog_server: Any, image_file:
     ok = server.predict(**inputs)
     assert ok["status"] == "succeeded", ok
     meta, frames = read_mp4(decode_data_url(ok["output"], tmp_path / "a.mp4"))
-    assert frames.shape == (9, 64, 96, 3) and meta["fps"] == 8 and meta["codec"] == "h264"
+    # The default interpolation (2): 9 generated frames at 8 fps become 17 at 16 fps.
+    assert frames.shape == (17, 64, 96, 3) and meta["fps"] == 16 and meta["codec"] == "h264"
     assert "Using seed: 7" in ok["logs"] and "Denoising step 2/2" in ok["logs"]
-    assert ok["metrics"]["timing"]["inference"] > 0 and ok["metrics"]["timing"]["encode"] > 0
-    assert "download_s" in ok["metrics"]["setup"]
+    assert "Interpolation x2: 8 new frames" in ok["logs"]
+    timing = ok["metrics"]["timing"]
+    assert timing["inference"] > 0 and timing["interpolation"] > 0 and timing["encode"] > 0
+    assert {"download_s", "rife_download_s", "rife_load_s"} <= set(ok["metrics"]["setup"])
 
     bad = server.predict(**{**inputs, "num_frames": 50})
     assert bad["status"] == "failed"

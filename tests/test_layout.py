@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Highest first. The predictors are the top: nothing imports them.
 LAYERS = [
     "cogvideox",
+    "interpolation",
     "lora",
     "pipelines",
     "memory",

@@ -26,10 +26,11 @@ from safetensors.torch import save_file
 
 import lora
 import tiny_weights
-from conftest import decode_data_url, load_predictor, read_mp4
+from conftest import assert_same_video, decode_data_url, load_predictor, read_mp4
 from errors import InputError, ServiceError
 from fake_hub import FakeHub
 from harness import data_url
+from media import to_uint8
 
 PROMPT = "a red boat sails across a calm lake"
 IMAGE = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
@@ -367,6 +368,24 @@ def test_lora_for_the_other_generation_is_refused(predictor: Any, lora_hub: Fake
         "Invalid input `lora_url`: this LoRA is for THUDM/CogVideoX1.5-5B-I2V (its model card says so), "
         "not CogVideoX-5b-I2V."
     )
+
+
+def test_interpolation_with_a_lora(predictor: Any, loras: dict[str, Any], tmp_path: Path) -> None:
+    """run() with a LoRA and interpolation 2: the LoRA's 9 generated frames, interpolated to 17 at 16 fps."""
+    image = tmp_path / "image.png"
+    IMAGE.save(image)
+    url = loras["full"][0]
+    with_lora, plain = generate(predictor, url), generate(predictor)
+    settings = {k: v for k, v in SETTINGS.items() if k not in ("width", "height")}
+    output = predictor.run(
+        image=image, prompt=PROMPT, scheduler="cogvideox_dpm", seed=3, lora_url=url, fps=8, interpolation=2, **settings
+    )
+    meta, frames = read_mp4(output)
+    assert frames.shape == (17, 64, 96, 3) and meta["fps"] == 16
+    expected = predictor.rife.interpolate(with_lora, 2)
+    np.testing.assert_array_equal(expected[::2], with_lora)
+    assert_same_video(frames, to_uint8(expected))
+    assert np.abs(frames[::2] - to_uint8(with_lora).astype(float)).mean() < np.abs(frames[::2] - to_uint8(plain)).mean()
 
 
 # --- through the real Cog server ------------------------------------------------------------------------------------

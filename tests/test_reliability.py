@@ -285,6 +285,25 @@ def test_cancel_leaves_nothing_behind(
     r.assert_recovers()
 
 
+@pytest.mark.parametrize("model", ["i2v", "v2v"])
+def test_cancel_during_interpolation_changes_nothing(reliable: Any, webhooks: Any, model: str) -> None:
+    """Cancelled while RIFE runs: nothing left behind, and the next interpolated video is the one before."""
+    r = reliable(model)
+    before = r.frames(r.predict({"interpolation": 2}))
+    prediction_id = f"cancel-{model}-interpolation"
+    inputs = r.inputs({"prompt": faulty_predictors.STALL_INTERPOLATE, "interpolation": 2})
+    r.server.predict_async(prediction_id, webhooks.url, **inputs)
+    webhooks.wait_for(prediction_id, lambda s: "stalled in interpolation" in (s.get("logs") or ""), 60)
+    r.server.cancel(prediction_id)
+    state = webhooks.wait_for(prediction_id, lambda s: s.get("status") in ("canceled", "failed", "succeeded"), 30)
+    assert state["status"] == "canceled", state
+    assert "Interpolation x2" in state["logs"] and "Interpolation took" not in state["logs"]
+    r.server.wait_ready(10)
+    assert r.worker().children() == [] and r.leftovers() == []
+    np.testing.assert_array_equal(r.frames(r.predict({"interpolation": 2})), before)
+    r.assert_recovers()
+
+
 # --- disk and memory over many predictions ----------------------------------------------------------------------------
 
 

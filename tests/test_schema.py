@@ -39,6 +39,7 @@ SHARED = {  # inputs declared in several predictors, which must be identical the
     "lora_scale": COGVIDEOX,
     "fps": ["predict_i2v", "predict_t2v"],  # CogVideoX 1.0's 8 fps (1.5 makes 16, zeroscope keeps the input's)
 }
+SHARED_BUT_DEFAULT = {"interpolation": PREDICTORS}  # the same input, each model with its own default
 NAME_ALLOWED_IN = {"choices", "default", "description"}  # where cog's parser resolves a module-level name
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
@@ -148,3 +149,12 @@ def test_inputs_models_share_are_declared_identically(name: str) -> None:
     for module, (hint, field) in declarations.items():
         assert hint == first[0], module
         assert vars(field) == vars(first[1]), module
+
+
+@pytest.mark.parametrize("name", SHARED_BUT_DEFAULT)
+def test_inputs_models_share_differ_only_in_their_default(name: str) -> None:
+    declarations = {module: declared(module)[name] for module in SHARED_BUT_DEFAULT[name]}
+    first = next(iter(declarations.values()))
+    for module, (hint, field) in declarations.items():
+        assert hint == first[0], module
+        assert {**vars(field), "default": None} == {**vars(first[1]), "default": None}, module

@@ -847,3 +847,40 @@ def make_tar(folder: Path, tar_path: Path) -> Path:
             rel = path.relative_to(folder).as_posix()
             tar.add(path, arcname=rel, recursive=False, filter=_normalise)
     return tar_path
+
+
+def rife_layout() -> dict[str, tuple[int, ...]]:
+    """The published RIFE IFNet v4.26 heavy state dict (cccv's model zoo file): ``{key: shape}``, keys with the
+    ``module.`` prefix the file carries. Written from cccv's ``ifnet_arch.py`` (EutropicAI/cccv 79725f4), not from
+    interpolation.py: 158 tensors, 5,723,156 values. Widths are the real ones (the file is ~23 MB)."""
+    layout: dict[str, tuple[int, ...]] = {}
+    blocks = [(7 + 32, 192), (8 + 4 + 8 + 32, 128), (8 + 4 + 8 + 32, 96), (8 + 4 + 8 + 32, 64), (8 + 4 + 8 + 32, 32)]
+    for i, (cin, c) in enumerate(blocks):
+        prefix = f"module.block{i}"
+        layout |= {f"{prefix}.conv0.0.0.weight": (c // 2, cin, 3, 3), f"{prefix}.conv0.0.0.bias": (c // 2,)}
+        layout |= {f"{prefix}.conv0.1.0.weight": (c, c // 2, 3, 3), f"{prefix}.conv0.1.0.bias": (c,)}
+        for j in range(8):
+            layout[f"{prefix}.convblock.{j}.beta"] = (1, c, 1, 1)
+            layout[f"{prefix}.convblock.{j}.conv.weight"] = (c, c, 3, 3)
+            layout[f"{prefix}.convblock.{j}.conv.bias"] = (c,)
+        layout |= {f"{prefix}.lastconv.0.weight": (c, 52, 4, 4), f"{prefix}.lastconv.0.bias": (52,)}
+    for name, shape in [("cnn0", (16, 3, 3, 3)), ("cnn1", (16, 16, 3, 3)), ("cnn2", (16, 16, 3, 3))]:
+        layout |= {f"module.encode.{name}.weight": shape, f"module.encode.{name}.bias": (16,)}
+    layout |= {"module.encode.cnn3.weight": (16, 16, 4, 4), "module.encode.cnn3.bias": (16,)}
+    return layout
+
+
+def build_rife(dest: Path, *, seed: int = 0, layout: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """Random IFNet v4.26 heavy weights as cccv publishes them: a ``torch.save``'d dict of float32 tensors under
+    ``module.`` keys (``rife_layout()``, or another ``layout`` to make a wrong file). Deterministic per seed."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in (layout or rife_layout()).items():
+        if key.endswith(".beta"):
+            state[key] = torch.ones(shape)
+        else:
+            fan_in = max(1, torch.Size(shape[1:]).numel()) if len(shape) > 1 else shape[0]
+            state[key] = torch.randn(shape, generator=generator) * (0.5 / fan_in**0.5)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, dest)
+    return Path(dest)
