@@ -29,7 +29,15 @@ V2V_BASE = {
     "seed": 5,
 }
 # CogVideoX-5b: video-to-video unless the case drops the video (tiny model: 64x96 frames, like i2v).
-T2V_BASE = {"prompt": "a boat", "num_frames": 9, "num_inference_steps": 2, "strength": 0.5, "fps": 8, "seed": 5}
+T2V_BASE = {
+    "prompt": "a boat",
+    "num_frames": 9,
+    "num_inference_steps": 2,
+    "strength": 0.5,
+    "fps": 8,
+    "interpolation": 1,
+    "seed": 5,
+}
 I2V_SIZE = (64, 96)  # height, width
 
 

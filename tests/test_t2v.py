@@ -54,7 +54,9 @@ def direct(predictor: Any, pipeline: Any, scheduler: str, seed: int, **kwargs: A
 
 @pytest.mark.parametrize("scheduler", ["cogvideox_dpm", "cogvideox_ddim"])
 def test_text_to_video_equals_the_pipeline_called_directly(t2v: Any, scheduler: str) -> None:
-    output = t2v.run(prompt=PROMPT, negative_prompt="blurry", num_frames=9, scheduler=scheduler, seed=42, **SETTINGS)
+    output = t2v.run(
+        prompt=PROMPT, negative_prompt="blurry", num_frames=9, scheduler=scheduler, seed=42, interpolation=1, **SETTINGS
+    )
     expected = direct(
         t2v, CogVideoXPipeline, scheduler, 42, prompt=PROMPT, negative_prompt="blurry", num_frames=9, **SETTINGS
     )
@@ -67,7 +69,15 @@ def test_text_to_video_equals_the_pipeline_called_directly(t2v: Any, scheduler: 
 
 def test_video_to_video_equals_the_pipeline_called_directly(t2v: Any, clip: Path) -> None:
     output = t2v.run(
-        prompt=PROMPT, video=clip, num_frames=9, strength=0.7, sizing_strategy="pad", fps=12, seed=7, **SETTINGS
+        prompt=PROMPT,
+        video=clip,
+        num_frames=9,
+        strength=0.7,
+        sizing_strategy="pad",
+        fps=12,
+        seed=7,
+        interpolation=1,
+        **SETTINGS,
     )
 
     frames, _ = read_video(clip, 9, "first")
@@ -201,7 +211,12 @@ def test_strength_times_steps_below_one_is_refused(t2v: Any, clip: Path) -> None
         "Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1 (got 0.1 x 5)."
     )
     # Without a video, strength plays no part: text-to-video runs.
-    assert read_mp4(t2v.run(strength=0.1, num_inference_steps=1, num_frames=9, seed=0))[1].shape == (9, 64, 96, 3)
+    assert read_mp4(t2v.run(strength=0.1, num_inference_steps=1, num_frames=9, seed=0, interpolation=1))[1].shape == (
+        9,
+        64,
+        96,
+        3,
+    )
 
 
 # --- LoRAs: exact in both modes; refused when stated to be for the image-to-video model, and vice versa ----------
@@ -353,25 +368,30 @@ def test_server_both_modes_fail_cleanly_and_recover(cog_server: Any, clip: Path,
     assert server.status() == "READY"
     inputs = {"prompt": PROMPT, "num_frames": 9, "num_inference_steps": 2, "seed": 7}
 
-    text = server.predict(**inputs)
+    text = server.predict(**inputs)  # interpolation at its default, 2: 9 frames at 8 fps become 17 at 16 fps
     assert text["status"] == "succeeded", text
     meta, frames = read_mp4(decode_data_url(text["output"], tmp_path / "a.mp4"))
-    assert frames.shape == (9, 64, 96, 3) and meta["fps"] == 8 and meta["codec"] == "h264"
+    assert frames.shape == (17, 64, 96, 3) and meta["fps"] == 16 and meta["codec"] == "h264"
     assert "Using seed: 7" in text["logs"] and "Denoising step 2/2" in text["logs"]
     assert "decode" not in text["metrics"]["timing"] and "download_s" in text["metrics"]["setup"]
 
-    video = server.predict(**{**inputs, "video": data_url(clip), "num_frames": 49, "strength": 0.5, "fps": 12})
+    restyle = {"video": data_url(clip), "num_frames": 49, "strength": 0.5, "fps": 12, "interpolation": 1}
+    video = server.predict(**{**inputs, **restyle})
     assert video["status"] == "succeeded", video
     meta, restyled = read_mp4(decode_data_url(video["output"], tmp_path / "b.mp4"))
     assert restyled.shape == (17, 64, 96, 3) and meta["fps"] == 12
     assert "Denoising step 1/1" in video["logs"] and "Denoising step 2/" not in video["logs"]  # 0.5 x 2 steps
-    assert {"decode", "inference", "encode"} <= set(video["metrics"]["timing"])
+    assert {"decode", "inference", "interpolation", "encode"} <= set(video["metrics"]["timing"])
 
     one_frame = write_video(tmp_path / "one.mp4", gradient_frames(1, 72, 128), fps=24)
     for bad_inputs, message in [
         ({"video": data_url(one_frame)}, "Invalid input `video`: 1 frame read; video-to-video needs at least 9."),
         ({"strength": 1.5}, "Invalid input `strength`: must be >= 0.0 and <= 1.0 (got 1.5)."),
         ({"num_frames": 48}, "Invalid input `num_frames`: must be one of 9, 17, 25, 33, 41, 49 (got 48)."),
+        (
+            {"fps": 40},
+            "Invalid inputs `fps` and `interpolation`: 40 fps x 2 is 80 fps, over 60: lower fps or interpolation.",
+        ),
     ]:
         bad = server.predict(**{**inputs, **bad_inputs})
         assert bad["status"] == "failed" and bad["error"].endswith(message), bad
