@@ -140,7 +140,7 @@ MODELS = {
         {"aspect_ratio": "16:9"},
         {"aspect_ratio": "16:9", "num_frames": 17, "num_inference_steps": 2, "interpolation": 1},
         {"SHORT_SIDE": 48},  # the tiny VAE decodes 17 frames at 768x768 in ~10 s on one core (CPU conv3d)
-        {"num_frames": 161, "interpolation": 2},  # 321 frames at 1360x768 (smoke: 17 -> 33)
+        rife_inputs={"num_frames": 161, "interpolation": 2},  # 321 frames at 1360x768 (smoke: 17 -> 33)
     ),
     "v2v": Model(
         "predict_v2v",
