@@ -75,6 +75,15 @@ def validate_inputs(run: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def check_steps_run(*, strength: float, num_inference_steps: int) -> None:
+    """Video-to-video runs int(steps x strength) of its steps (diffusers' rule): at least one must run."""
+    if int(num_inference_steps * strength) < 1:
+        raise InputError(
+            f"Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1 "
+            f"(got {strength} x {num_inference_steps})."
+        )
+
+
 def resolve_seed(seed: int | None) -> int:
     """The seed to use: the given one, or a random one. Logged either way so a result can be reproduced."""
     if seed is None:

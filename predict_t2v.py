@@ -10,7 +10,7 @@ from PIL import Image
 
 from cogvideox import CogVideoXPredictor
 from errors import InputError
-from inputs import resolve_seed, validate_inputs
+from inputs import check_steps_run, resolve_seed, validate_inputs
 from interpolation import output_fps
 from media import fit_image, output_path, read_video, write_mp4
 from pipelines import Checkpoint
@@ -117,11 +117,7 @@ class Predictor(CogVideoXPredictor):
         if video is None:
             pipe, mode_inputs = self.pipe, {"num_frames": num_frames}
         else:
-            if int(num_inference_steps * strength) < 1:
-                raise InputError(
-                    f"Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1 "
-                    f"(got {strength} x {num_inference_steps})."
-                )
+            check_steps_run(strength=strength, num_inference_steps=num_inference_steps)
             with phase("decode"):
                 frames = read_frames(video, num_frames, frame_sampling)
                 frames = [fit_image(frame, self.width, self.height, sizing_strategy) for frame in frames]

@@ -12,7 +12,7 @@ from PIL import Image
 
 import cog_compat
 from errors import InputError, ServiceError
-from inputs import resolve_seed, validate_inputs
+from inputs import check_steps_run, resolve_seed, validate_inputs
 from interpolation import load_rife, output_fps
 from media import fit_image, output_path, read_video, write_mp4
 from memory import GpuMemory
@@ -111,11 +111,7 @@ class Predictor(BaseRunner):
         for name, value in (("width", width), ("height", height)):
             if value % 8:
                 raise InputError(f"Invalid input `{name}`: must be a multiple of 8 (got {value}).")
-        if int(num_inference_steps * strength) < 1:
-            raise InputError(
-                f"Invalid inputs `strength` and `num_inference_steps`: strength x steps must be at least 1 "
-                f"(got {strength} x {num_inference_steps})."
-            )
+        check_steps_run(strength=strength, num_inference_steps=num_inference_steps)
         with phase("decode"):
             frames, input_fps = read_video(video, max_frames, frame_sampling)
             frames = [fit_image(frame, width, height, sizing_strategy) for frame in frames]
