@@ -1,4 +1,4 @@
-"""Image-to-video with CogVideoX1.5-5B-I2V: any aspect ratio, portrait included, 5 or 10 second clips at 16 fps."""
+"""Image-to-video with CogVideoX1.5-5B-I2V: any aspect ratio (portrait experimental), 5 or 10 second clips at 16 fps."""
 
 from __future__ import annotations
 
