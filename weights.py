@@ -58,6 +58,7 @@ class Source:
     repo: str | None = None
     revision: str | None = None
     path: str | None = None
+    size: int | None = None  # a hub file's size, once hub_file has looked it up
 
     @classmethod
     def parse(cls, text: str, *, file: bool = False) -> Source:
@@ -144,10 +145,9 @@ def fetch_weights(source: str, dest: Path, variable: str) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class HubFile:
-    """One file of a hub repo, pinned: ``source`` names the commit and the file."""
+    """One file of a hub repo, pinned: ``source`` names the commit and the file, and knows its size."""
 
     source: Source
-    size: int
     base_model: str | None  # what the repo's model card names as ``base_model``, if anything
 
 
@@ -171,8 +171,10 @@ def hub_file(source: Source, suffix: str) -> HubFile:
     card = info.card_data or {}
     base = card.get("base_model")
     base = base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None
-    pinned = Source(f"hf://{source.repo}@{info.sha}/{name}", repo=source.repo, revision=info.sha, path=name)
-    return HubFile(pinned, sizes[name], base)
+    pinned = Source(
+        f"hf://{source.repo}@{info.sha}/{name}", repo=source.repo, revision=info.sha, path=name, size=sizes[name]
+    )
+    return HubFile(pinned, base)
 
 
 def cache_file(
@@ -346,10 +348,10 @@ def _hub_file(
 ) -> int:
     """Download the pinned file ``source`` (see hub_file) of a hub repo to ``dest``, within ``time_limit(size)``;
     the calling thread returns at once when interrupted (huggingface_hub's own timeouts end the download)."""
-    info = hub_file(source, "")
-    if info.size > max_bytes:
-        raise WeightsError(f"{source.path} is {info.size:,} bytes, over the limit of {max_bytes:,}")
-    make_room(info.size)
+    size = source.size if source.size is not None else hub_file(source, "").source.size  # one lookup, not two
+    if size > max_bytes:
+        raise WeightsError(f"{source.path} is {size:,} bytes, over the limit of {max_bytes:,}")
+    make_room(size)
     api = _hub_api()
 
     def download() -> str:
@@ -364,7 +366,7 @@ def _hub_file(
             ),
         )
 
-    local = downloads.interruptible(download, deadline=[time.monotonic() + time_limit(info.size)])
+    local = downloads.interruptible(download, deadline=[time.monotonic() + time_limit(size)])
     os.replace(local, dest)
     if dest.stat().st_size > max_bytes:
         raise WeightsError(f"{source.path} is over the limit of {max_bytes:,} bytes")
