@@ -81,14 +81,15 @@ def fetch_file(
     exception raised in it (Cog's cancel) stops the download within POLL_S, the connection being closed behind it.
     """
     stop = threading.Event()
-    deadline = [time.monotonic() + time_limit(None)]
+    start = time.monotonic()
+    deadline = [start + time_limit(None)]  # until the size is known
 
     def download() -> int:
         with _client(1) as client:
             size, ranged = _probe(client, url)
             if size is not None and size > max_bytes:
                 raise DownloadError(f"the file is {size:,} bytes, over the limit of {max_bytes:,}")
-            deadline[0] = deadline[0] - time_limit(None) + time_limit(size)
+            deadline[0] = start + time_limit(size)
             make_room(size if size is not None else max_bytes)
             received = 0
             with dest.open("wb") as out:
